@@ -1,0 +1,36 @@
+"""lowrank_jax: low-rank adapters (LoRA, DoRA, VeRA, QLoRA/QDoRA) for JAX/Flax as pure pytree transforms.
+
+    frozen, adapter = lowrank_jax.init(lowrank_jax.LoRA(rank=8, targets=r".*/(query|value)/kernel"), params, key)
+    params_eff = lowrank_jax.merge(frozen, adapter)       # == params at init, bitwise
+    y = lowrank_jax.apply(model, {"params": frozen}, adapter, x)   # factored: never forms W0 + ΔW
+"""
+
+from lowrank_jax import train
+from lowrank_jax.adapter import AdapterParams
+from lowrank_jax.execution import LayerSpec, apply, discover
+from lowrank_jax.layout import Layout
+from lowrank_jax.methods import DoRA, LoRA, VeRA, vera_projections
+from lowrank_jax.quant.config import NF4
+from lowrank_jax.tree import SHARED_KEY, base_params, count_params, expected_count, init, merge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterParams",
+    "LayerSpec",
+    "apply",
+    "discover",
+    "train",
+    "DoRA",
+    "Layout",
+    "LoRA",
+    "NF4",
+    "SHARED_KEY",
+    "VeRA",
+    "base_params",
+    "count_params",
+    "expected_count",
+    "init",
+    "merge",
+    "vera_projections",
+]

@@ -1,0 +1,229 @@
+"""LoRA and DoRA on one ``(in, out)`` weight matrix (Flax layout, ``y = x @ W``).
+
+LoRA (Hu et al. 2021; PEFT ``LoraLayer``)::
+
+    W' = W0 + s · A @ B,   A ∈ R^{in×r},  B ∈ R^{r×out},  s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+PEFT stores the transposes: ``lora_A.weight = Aᵀ (r, in)``, ``lora_B.weight = Bᵀ (out, r)``.
+
+DoRA (Liu et al. 2024; PEFT ``use_dora=True``) splits magnitude and direction::
+
+    V' = W0 + s · A @ B
+    W' = m ⊙ V' / ‖V'‖_col,      ‖V'‖_col[j] = sqrt(Σ_i V'[i, j]²),   m ∈ R^{out} (init ‖W0‖_col)
+
+With ``detach_norm=True`` (the paper's §4.3 and PEFT's default) ``‖V'‖_col`` is treated as a constant in
+the backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lowrank_jax.methods.base import (
+    check_alpha,
+    check_dropout,
+    check_rank,
+    normalize_targets,
+)
+
+Array = jax.Array
+
+DEFAULT_TARGETS = r"(.*/)?kernel"
+
+
+def _up(x: Array) -> Array:
+    """``x`` in at least float32 (float64 stays float64, for reference checks)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+_INITS = ("kaiming_uniform", "gaussian", "pissa")
+
+
+def _validate_low_rank(m: Any, name: str) -> None:
+    check_rank(m.rank, name)
+    object.__setattr__(m, "alpha", check_alpha(m.alpha, name))
+    object.__setattr__(m, "dropout", check_dropout(m.dropout, name))
+    object.__setattr__(m, "targets", normalize_targets(m.targets, f"{name}.targets"))
+    if not isinstance(m.rslora, bool):
+        raise TypeError(f"{name}: rslora must be a bool, got {m.rslora!r}")
+    if m.init not in _INITS:
+        raise ValueError(f"{name}: init must be one of {_INITS}, got {m.init!r}")
+    if m.quant is not None:
+        from lowrank_jax.quant.config import NF4
+        if not isinstance(m.quant, NF4):
+            raise TypeError(f"{name}: quant must be lowrank_jax.NF4(...) or None, got {m.quant!r}")
+
+
+class _LowRank:
+    """Shared math of LoRA and DoRA: the factors ``A (in, r)``, ``B (r, out)`` and their scaling."""
+
+    rank: int
+    alpha: float
+    rslora: bool
+    init: str
+
+    @property
+    def scaling(self) -> float:
+        """``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
+        return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
+
+    def check_shape(self, path: str, n_in: int, n_out: int) -> None:
+        if self.rank > min(n_in, n_out):
+            raise ValueError(
+                f"{path}: rank {self.rank} exceeds min(in, out) = {min(n_in, n_out)} of its "
+                f"(in, out) = ({n_in}, {n_out}) matrix; use rank <= {min(n_in, n_out)}"
+            )
+
+    def make_shared(self, max_in: int, max_out: int) -> None:
+        return None
+
+    def _init_factors(self, key: Array, w: Array) -> tuple[Array, Array, Array | None]:
+        """``(A, B, W0_new)``: random A and zero B, or PiSSA's top-r SVD factors and residual base."""
+        n_in, n_out = w.shape
+        r = self.rank
+        if self.init == "pissa":
+            # W = U diag(S) Vh; A = U_r diag(sqrt(S_r / s)), B = diag(sqrt(S_r / s)) Vh_r; W0 ← W − s·A@B.
+            u, sv, vh = jnp.linalg.svd(w, full_matrices=False)
+            root = jnp.sqrt(sv[:r] / self.scaling)
+            a = u[:, :r] * root[None, :]
+            b = root[:, None] * vh[:r]
+            return a, b, w - self.scaling * (a @ b)
+        if self.init == "gaussian":
+            a = jax.random.normal(key, (n_in, r), jnp.float32) / r
+        else:  # kaiming_uniform with a=sqrt(5) on torch's (r, in) weight: bound = 1/sqrt(in)
+            bound = 1.0 / n_in ** 0.5
+            a = jax.random.uniform(key, (n_in, r), jnp.float32, -bound, bound)
+        return a, jnp.zeros((r, n_out), jnp.float32), None
+
+    def delta_matrix(self, params: dict[str, Array]) -> Array:
+        """``ΔW = s · A @ B`` in float32."""
+        return self.scaling * (_up(params["a"]) @ _up(params["b"]))
+
+    def branch(self, x: Array, params: dict[str, Array], shared: Any = None) -> Array:
+        """Factored adapter output ``s · (x @ A) @ B`` (the scale applied to the thin ``x @ A``)."""
+        a = params["a"].astype(x.dtype)
+        b = params["b"].astype(x.dtype)
+        return ((x @ a) * jnp.asarray(self.scaling, x.dtype)) @ b
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA(_LowRank):
+    """Low-rank adaptation: ``W' = W0 + s·A@B`` with ``A: (in, r)``, ``B: (r, out)``.
+
+    Args:
+      rank: ``r``, between 1 and ``min(in, out)`` of every targeted matrix.
+      alpha: scaling numerator; ``s = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``). PEFT's default
+        ``lora_alpha=8`` with ``r=8`` gives ``s = 1``.
+      targets: regex or list of regexes ``re.fullmatch``ed against ``/``-joined param paths
+        (default: every leaf named ``kernel``).
+      dropout: probability of dropping an element of the adapter *input* (the base path never sees
+        dropout), used by :func:`lowrank_jax.apply` when given a dropout key.
+      rslora: use ``s = alpha / sqrt(r)``.
+      init: ``"kaiming_uniform"`` (PEFT default: ``A ~ U(±1/sqrt(in))``, ``B = 0``), ``"gaussian"``
+        (``A ~ N(0, 1/r²)``, ``B = 0``) or ``"pissa"`` (``A, B`` from the top-r SVD of ``W0``, and the
+        frozen ``W0`` replaced by ``W0 − s·A@B``, so the model is unchanged at init).
+      quant: ``lowrank_jax.NF4(...)`` stores the frozen targeted kernels as NF4 (QLoRA).
+
+    Example:
+      >>> method = LoRA(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
+      >>> frozen, adapter = lowrank_jax.init(method, params, jax.random.key(0))
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    targets: str | tuple[str, ...] = DEFAULT_TARGETS
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "kaiming_uniform"
+    quant: Any = None
+
+    def __post_init__(self):
+        _validate_low_rank(self, "LoRA")
+
+    def param_shapes(self, n_in: int, n_out: int) -> dict[str, tuple[int, ...]]:
+        return {"a": (n_in, self.rank), "b": (self.rank, n_out)}
+
+    def init_matrix(self, key: Array, w: Array, shared: Any = None) -> tuple[dict[str, Array], Array | None]:
+        a, b, w_new = self._init_factors(key, w)
+        return {"a": a, "b": b}, w_new
+
+    def merge_matrix(self, w: Array, params: dict[str, Array], shared: Any = None) -> Array:
+        """``W' = W0 + s · A @ B`` (float32)."""
+        return w + self.delta_matrix(params)
+
+    def output_scale(self, w: Array | None, params: dict[str, Array], cache: Any = None) -> None:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class DoRA(_LowRank):
+    """Weight-decomposed low-rank adaptation: ``W' = m ⊙ (W0 + s·A@B) / ‖W0 + s·A@B‖_col``.
+
+    Trainable: ``a: (in, r)``, ``b: (r, out)`` as in :class:`LoRA`, and the magnitude ``m: (out,)``
+    initialised to the column norms of ``W0 + s·A@B`` (= ``‖W0‖_col`` since ``B = 0``), i.e. the norm
+    over the input axis for each output unit — PEFT's ``lora_magnitude_vector``.
+
+    Args are those of :class:`LoRA`, plus ``detach_norm`` (default ``True``, as in the paper and PEFT):
+    treat ``‖W0 + s·A@B‖_col`` as a constant in the backward pass.
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    targets: str | tuple[str, ...] = DEFAULT_TARGETS
+    dropout: float = 0.0
+    rslora: bool = False
+    detach_norm: bool = True
+    init: str = "kaiming_uniform"
+    quant: Any = None
+
+    def __post_init__(self):
+        _validate_low_rank(self, "DoRA")
+        if not isinstance(self.detach_norm, bool):
+            raise TypeError(f"DoRA: detach_norm must be a bool, got {self.detach_norm!r}")
+
+    def param_shapes(self, n_in: int, n_out: int) -> dict[str, tuple[int, ...]]:
+        return {"a": (n_in, self.rank), "b": (self.rank, n_out), "m": (n_out,)}
+
+    def init_matrix(self, key: Array, w: Array, shared: Any = None) -> tuple[dict[str, Array], Array | None]:
+        a, b, w_new = self._init_factors(key, w)
+        base = w if w_new is None else w_new
+        m = column_norm(base + self.scaling * (a @ b))
+        return {"a": a, "b": b, "m": m}, w_new
+
+    def weight_norm(self, w: Array, params: dict[str, Array]) -> Array:
+        """``‖W0 + s·A@B‖_col`` (float32, shape ``(out,)``), detached if ``detach_norm``."""
+        n = column_norm(w + self.delta_matrix(params))
+        return jax.lax.stop_gradient(n) if self.detach_norm else n
+
+    def merge_matrix(self, w: Array, params: dict[str, Array], shared: Any = None) -> Array:
+        """``W' = (m / ‖V'‖_col) ⊙ V'`` with ``V' = W0 + s·A@B`` (float32)."""
+        v = w + self.delta_matrix(params)
+        n = column_norm(v)
+        if self.detach_norm:
+            n = jax.lax.stop_gradient(n)
+        return v * (_up(params["m"]) / n)[None, :]
+
+    def output_scale(self, w: Array, params: dict[str, Array], cache: Any = None) -> Array:
+        """``m / ‖W0 + s·A@B‖_col`` computed without an ``(in, out)`` temporary.
+
+        ``‖V'_j‖² = ‖W0_j‖² + 2s·⟨(W0ᵀA)_j, B_j⟩ + s²·B_jᵀ (AᵀA) B_j`` — costs one ``(out, r)`` and one
+        ``(r, r)`` product; ``‖W0_j‖²`` may be supplied precomputed as ``cache``.
+        """
+        a = _up(params["a"])
+        b = _up(params["b"])
+        s = self.scaling
+        w = _up(w)
+        w_sq = jnp.sum(w * w, axis=0) if cache is None else cache
+        cross = jnp.sum((w.T @ a) * b.T, axis=1)              # ⟨(W0ᵀA)_j, B_j⟩, (out,)
+        quad = jnp.sum(b * ((a.T @ a) @ b), axis=0)           # B_jᵀ (AᵀA) B_j, (out,)
+        n = jnp.sqrt(jnp.maximum(w_sq + 2.0 * s * cross + s * s * quad, 0.0))
+        if self.detach_norm:
+            n = jax.lax.stop_gradient(n)
+        return _up(params["m"]) / n
+
+
+def column_norm(w: Array) -> Array:
+    """``‖W‖_col[j] = sqrt(Σ_i W[i, j]²)`` — one value per output unit of an ``(in, out)`` matrix."""
+    return jnp.sqrt(jnp.sum(jnp.square(_up(w)), axis=0))

@@ -1,0 +1,204 @@
+"""Factored execution (linen): equals the merge path, never forms W0+ΔW, caches correctly."""
+
+import re
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lowrank_jax as lj
+from conftest import BLOCK_TARGETS
+
+METHODS = {
+    "lora": lj.LoRA(rank=4, alpha=8.0, targets=BLOCK_TARGETS),
+    "dora": lj.DoRA(rank=4, alpha=8.0, targets=BLOCK_TARGETS, detach_norm=False),
+    "dora_detached": lj.DoRA(rank=4, alpha=8.0, targets=BLOCK_TARGETS),
+    "vera": lj.VeRA(rank=16, targets=BLOCK_TARGETS),
+}
+
+
+def _randomize(adapter, seed=0, scale=0.2):
+    leaves, treedef = jax.tree_util.tree_flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+def _rel(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_factored_equals_merge_outputs_and_gradients(tiny, name):
+    model, variables, x = tiny
+    layouts = lj.discover(model, variables, x)
+    frozen, adapter = lj.init(METHODS[name], variables["params"], jax.random.key(2), layouts=layouts)
+    adapter = _randomize(adapter)
+
+    def merged_loss(ad):
+        return jnp.sum(model.apply({"params": lj.merge(frozen, ad)}, x) ** 2)
+
+    def factored_loss(ad):
+        return jnp.sum(lj.apply(model, {"params": frozen}, ad, x) ** 2)
+
+    y_m = model.apply({"params": lj.merge(frozen, adapter)}, x)
+    y_f = jax.jit(lambda ad: lj.apply(model, {"params": frozen}, ad, x))(adapter)
+    assert _rel(y_f, y_m) < 1e-5
+    g_m = jax.grad(merged_loss)(adapter)
+    g_f = jax.jit(jax.grad(factored_loss))(adapter)
+    for a, b in zip(jax.tree_util.tree_leaves(g_f), jax.tree_util.tree_leaves(g_m)):
+        assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["lora", "dora_detached", "vera"])
+def test_fresh_adapter_output_equals_base_model_bitwise(tiny, name):
+    model, variables, x = tiny
+    frozen, adapter = lj.init(METHODS[name], variables["params"], jax.random.key(2),
+                              layouts=lj.discover(model, variables, x))
+    # Op by op, the base path is the layer's own computation and the fresh branch adds exactly 0.
+    y0 = model.apply(variables, x)
+    y1 = lj.apply(model, {"params": frozen}, adapter, x)
+    if name == "dora_detached":
+        # m / ‖W0‖_col is 1 up to the rounding of two separately reduced norms
+        np.testing.assert_allclose(y1, y0, rtol=2e-6, atol=2e-6)
+    else:
+        np.testing.assert_array_equal(np.asarray(y1), np.asarray(y0))
+    # Compiled, XLA may fuse the two programs differently; they still agree to float32 rounding.
+    y0j = jax.jit(lambda: model.apply(variables, x))()
+    y1j = jax.jit(lambda ad: lj.apply(model, {"params": frozen}, ad, x))(adapter)
+    np.testing.assert_allclose(y1j, y0j, rtol=2e-6, atol=2e-6)
+
+
+class EinsumModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        q = nn.Einsum((8, 2, 4), "btd,dnh->btnh", name="q")(x)          # in = d, out = (n, h)
+        o = nn.Einsum((2, 4, 8), "btnh,nhd->btd", name="o", use_bias=False)(q)
+        return o
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "vera"])
+def test_einsum_layers(name):
+    model = EinsumModel()
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8))
+    variables = model.init(jax.random.key(1), x)
+    layouts = lj.discover(model, variables, x)
+    assert layouts["q/kernel"] == lj.Layout((0,), (1, 2)) and layouts["o/kernel"] == lj.Layout((0, 1), (2,))
+    method = {"lora": lj.LoRA(rank=2, targets=".*kernel"), "dora": lj.DoRA(rank=2, targets=".*kernel"),
+              "vera": lj.VeRA(rank=4, targets=".*kernel")}[name]
+    frozen, adapter = lj.init(method, variables["params"], jax.random.key(2), layouts=layouts)
+    adapter = _randomize(adapter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback: both einsums are factored
+        y_f = lj.apply(model, {"params": frozen}, adapter, x)
+    y_m = model.apply({"params": lj.merge(frozen, adapter)}, x)
+    assert _rel(y_f, y_m) < 1e-5
+
+
+def _dot_shapes(hlo_text):
+    return [tuple(int(d) for d in m.group(1).split(",") if d)
+            for m in re.finditer(r"= f32\[([\d,]*)\][^\n]*? dot\(", hlo_text)]
+
+
+@pytest.mark.parametrize("name", ["lora", "dora_detached", "vera"])
+def test_train_step_hlo_has_no_full_size_dot(name):
+    model = __import__("conftest").TinyModel(dim=48, layers=2, scan=False)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    variables = model.init(jax.random.key(1), x)
+    layouts = lj.discover(model, variables, x)
+    frozen, adapter = lj.init(METHODS[name], variables["params"], jax.random.key(2), layouts=layouts)
+    tx = optax.adam(1e-3)
+    ts = lj.train.make_train_step(model, lambda run, b: jnp.mean(run(b) ** 2), tx, donate=False)
+    hlo = ts.step.lower(adapter, ts.init(adapter), frozen, x).compile().as_text()
+    full = {tuple(layouts[p].matrix_shape(v.shape)) for p, v in
+            [(p, n) for p, n in lj.tree.adapter_nodes(adapter)]}
+    full |= {(o, i) for i, o in full}
+    dots = _dot_shapes(hlo)
+    assert dots, "expected dots in the compiled step"
+    assert not [d for d in dots if d[-2:] in full], f"full-size dot in the step: {full & set(d[-2:] for d in dots)}"
+    # the check can fail: the merge-path step does form full-size dW
+    ts_merge = lj.train.make_train_step(model, lambda run, b: jnp.mean(run(b) ** 2), tx, factored=False, donate=False)
+    hlo_m = ts_merge.step.lower(adapter, ts_merge.init(adapter), frozen, x).compile().as_text()
+    assert [d for d in _dot_shapes(hlo_m) if d[-2:] in full]
+
+
+def test_jit_never_reuses_a_trace_for_another_adapter(tiny):
+    model, variables, x = tiny
+    layouts = lj.discover(model, variables, x)
+    f_lora, a_lora = lj.init(METHODS["lora"], variables["params"], jax.random.key(2), layouts=layouts)
+    f_vera, a_vera = lj.init(METHODS["vera"], variables["params"], jax.random.key(2), layouts=layouts)
+    a_lora, a_vera = _randomize(a_lora), _randomize(a_vera)
+
+    @jax.jit
+    def run(frozen, adapter):
+        return lj.apply(model, {"params": frozen}, adapter, x)
+
+    base = model.apply(variables, x)
+    y_lora = run(f_lora, a_lora)
+    y_vera = run(f_vera, a_vera)
+    y_none = run(variables["params"], {})
+    np.testing.assert_allclose(y_lora, model.apply({"params": lj.merge(f_lora, a_lora)}, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y_vera, model.apply({"params": lj.merge(f_vera, a_vera)}, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y_none, base, rtol=1e-5, atol=1e-5)
+    a_other = lj.init(lj.LoRA(rank=2, targets=BLOCK_TARGETS), variables["params"], jax.random.key(2),
+                      layouts=layouts)[1]
+    a_other = _randomize(a_other, seed=5)
+    np.testing.assert_allclose(run(f_lora, a_other), model.apply({"params": lj.merge(f_lora, a_other)}, x),
+                               rtol=1e-5, atol=1e-5)
+
+
+class CustomDense(nn.Module):
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        return x @ w
+
+
+class CustomModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return CustomDense(6, name="c")(nn.Dense(8, name="d")(x))
+
+
+def test_unrecognised_layer_falls_back_to_merge_with_a_warning_and_custom_layers_opt_in():
+    model = CustomModel()
+    x = jax.random.normal(jax.random.key(0), (3, 5))
+    variables = model.init(jax.random.key(1), x)
+    frozen, adapter = lj.init(lj.LoRA(rank=2, targets=r".*/(kernel|w)"), variables["params"], jax.random.key(2))
+    adapter = _randomize(adapter)
+    ref = model.apply({"params": lj.merge(frozen, adapter)}, x)
+    with pytest.warns(UserWarning, match=r"merged inside the step instead: \['c/w'\]"):
+        y = lj.apply(model, {"params": frozen}, adapter, x)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y2 = lj.apply(model, {"params": frozen}, adapter, x,
+                      custom_layers={CustomDense: lj.LayerSpec("dense", kernel="w", bias=None)})
+    np.testing.assert_allclose(y2, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_only_on_adapter_branch():
+    model = CustomModel()
+    x = jax.random.normal(jax.random.key(0), (64, 5))
+    variables = model.init(jax.random.key(1), x)
+    method = lj.LoRA(rank=2, targets=r"d/kernel", dropout=0.5)
+    frozen, adapter = lj.init(method, variables["params"], jax.random.key(2))
+    # With B = 0 the branch is zero, so dropout must not change anything.
+    y_fresh = lj.apply(model, {"params": frozen}, adapter, x, dropout_key=jax.random.key(3))
+    np.testing.assert_array_equal(y_fresh, model.apply(variables, x))
+    adapter = _randomize(adapter)
+    y_eval = lj.apply(model, {"params": frozen}, adapter, x)
+    y_a = lj.apply(model, {"params": frozen}, adapter, x, dropout_key=jax.random.key(3))
+    y_b = lj.apply(model, {"params": frozen}, adapter, x, dropout_key=jax.random.key(4))
+    y_a2 = lj.apply(model, {"params": frozen}, adapter, x, dropout_key=jax.random.key(3))
+    np.testing.assert_array_equal(y_a, y_a2)
+    assert not np.allclose(y_a, y_b) and not np.allclose(y_a, y_eval)
+    # the branch is unbiased: averaging over many keys approaches the eval output
+    ys = jnp.stack([lj.apply(model, {"params": frozen}, adapter, x, dropout_key=jax.random.key(k)) for k in range(200)])
+    np.testing.assert_allclose(ys.mean(0), y_eval, atol=0.15 * float(jnp.abs(y_eval).max()))
