@@ -10,6 +10,7 @@ from lowrank_jax.adapter import AdapterParams
 from lowrank_jax.execution import LayerSpec, apply, discover
 from lowrank_jax.layout import Layout
 from lowrank_jax.methods import DoRA, LoRA, VeRA, vera_projections
+from lowrank_jax.quant import nf4
 from lowrank_jax.quant.config import NF4
 from lowrank_jax.tree import SHARED_KEY, base_params, count_params, expected_count, init, merge
 
@@ -32,5 +33,6 @@ __all__ = [
     "expected_count",
     "init",
     "merge",
+    "nf4",
     "vera_projections",
 ]

@@ -231,7 +231,10 @@ def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) ->
         w = layout.to_matrix(jnp.asarray(leaf)).astype(jnp.float32)
         quantized = _quantizes(m, path)
         if quantized:
-            q = _quantize_matrix(w, m.quant, len(stack), leaf.dtype)
+            try:
+                q = _quantize_matrix(w, m.quant, len(stack), leaf.dtype)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"{path}: cannot NF4-quantize this kernel: {e}") from None
             w = _dequantize_matrix(q)                         # the adapter is fit to the stored base
         n_layers = int(np.prod(stack)) if stack else 1
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
@@ -349,6 +352,7 @@ def merge(frozen: Any, adapter: Any, *, requantize: bool = False) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=_is_frozen_leaf)
     index = {path_str(p): i for i, (p, _) in enumerate(leaves)}
     new = [v for _, v in leaves]
+    done: set[int] = set()
     for path, node in adapter_nodes(adapter):
         if path not in index:
             raise ValueError(
@@ -365,8 +369,9 @@ def merge(frozen: Any, adapter: Any, *, requantize: bool = False) -> Any:
                                   block_size=leaf.block_size, double_quant=leaf.double_quant,
                                   batch_dims=len(stack))
         new[i] = merged
+        done.add(i)
     for i, v in enumerate(new):
-        if _is_frozen_leaf(v):
+        if _is_frozen_leaf(v) and i not in done:
             raise ValueError(f"merge: {path_str(leaves[i][0])} is NF4-quantized but has no adapter")
     return jax.tree_util.tree_unflatten(treedef, new)
 
