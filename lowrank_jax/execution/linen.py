@@ -175,10 +175,8 @@ def _make_handler(targets: Mapping[str, _Target], shared: Mapping, consumed: set
             y = view.mat_to_y(base_m)
             if bias is not None:
                 y = y + bias.astype(y.dtype)
-            w_mat = None
         else:
             y = next_fun(*args, **kwargs)
-            w_mat = None
 
         adt = adapter_dtype or jnp.result_type(*[p.dtype for p in params.values()])
         xa = _dropout(xm.astype(adt), method.dropout, key_data)
