@@ -5,9 +5,10 @@
     y = lowrank_jax.apply(model, {"params": frozen}, adapter, x)   # factored: never forms W0 + ΔW
 """
 
-from lowrank_jax import train
+from lowrank_jax import io, train
 from lowrank_jax.adapter import AdapterParams
 from lowrank_jax.execution import LayerSpec, apply, discover
+from lowrank_jax.io import load_adapter, save_adapter
 from lowrank_jax.layout import Layout
 from lowrank_jax.methods import DoRA, LoRA, VeRA, vera_projections
 from lowrank_jax.quant import nf4
@@ -22,6 +23,9 @@ __all__ = [
     "apply",
     "discover",
     "train",
+    "io",
+    "save_adapter",
+    "load_adapter",
     "DoRA",
     "Layout",
     "LoRA",

@@ -1,0 +1,240 @@
+"""Adapters as files: ``save_adapter`` / ``load_adapter``.
+
+An adapter is saved as a **directory** (like a PEFT adapter or a Hugging Face model folder) holding
+two files and nothing else::
+
+    my_adapter/
+      adapter.safetensors   the trainable arrays, one tensor per array, named
+                            "<node path>/<array>", e.g. "encoder/layer_0/attention/self/query/kernel/a"
+      adapter.json          what they mean (below)
+
+``adapter.json``::
+
+    {"format": "lowrank_jax.adapter", "version": 1, "library_version": "0.1.0",
+     "tensors": {"file": "adapter.safetensors", "bytes": 295064, "sha256": "…"},
+     "nodes": [{"path": ["encoder", "layer_0", "attention", "self", "query", "kernel"],
+                "method": {"class": "LoRA", "fields": {"rank": 8, "alpha": 16.0, "targets": ["…"],
+                           "dropout": 0.0, "rslora": false, "init": "kaiming_uniform",
+                           "quant": {"class": "NF4", "fields": {...}} | null}},
+                "layout": {"in_axes": [0], "out_axes": [1], "stack": 0},
+                "shape": [384, 384], "dtype": "float32", "shared": null,
+                "arrays": {"a": {"tensor": "encoder/…/kernel/a", "shape": [384, 8], "dtype": "float32"}, …}},
+               …],
+     "metadata": {... user JSON ...},
+     "checksum": "<sha256 of this object without 'checksum', canonical JSON>"}
+
+Every node's static description (method with all its dataclass fields, layout, kernel shape and dtype,
+VeRA shared-array name) is stored, so :func:`load_adapter` re-creates the ``AdapterParams`` nodes
+exactly: same tree structure and aux data, bitwise the same arrays. No pickle; methods are rebuilt
+only from known classes (LoRA, DoRA, VeRA, NF4, or ones registered with
+:func:`~lowrank_jax.io.register_method`), whose constructors re-validate every field.
+
+The frozen base is **not** saved (rebuild it from the base model; VeRA's shared projections are a
+pure function of ``(rank, max_in, max_out, seed)``, see :func:`lowrank_jax.vera_projections`).
+
+Writes are atomic: both files are written and fsynced in a temporary sibling directory, which is then
+renamed to ``path``. Loads verify the sha256 of the tensor file and of the JSON, so flipped bytes,
+truncation, or hand edits are reported as a ``ValueError`` naming the file and the defect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowrank_jax.io import _format as fmt
+from lowrank_jax.tree import SHARED_KEY, _is_frozen_leaf, adapter_nodes, base_params, flatten_with_paths
+
+__all__ = ["save_adapter", "load_adapter", "read_adapter_info", "check_adapter_fits",
+           "ADAPTER_JSON", "ADAPTER_TENSORS"]
+
+ADAPTER_JSON = "adapter.json"
+ADAPTER_TENSORS = "adapter.safetensors"
+FORMAT_NAME = "lowrank_jax.adapter"
+
+
+def _library_version() -> str:
+    try:
+        import lowrank_jax
+        return str(getattr(lowrank_jax, "__version__", "unknown"))
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def save_adapter(path: str | os.PathLike, adapter: Any, *, metadata: Mapping[str, Any] | None = None,
+                 overwrite: bool = True) -> Path:
+    """Save ``adapter`` (nested dicts of ``AdapterParams``) as the directory ``path``.
+
+    Args:
+      path: directory to create (its parent is created if needed).
+      adapter: the trainable adapter tree from :func:`lowrank_jax.init` (or after training).
+      metadata: JSON-serializable user data stored in ``adapter.json`` (read it back with
+        :func:`read_adapter_info`).
+      overwrite: replace an existing adapter directory at ``path`` (one holding only this format's
+        two files); a directory with other files in it is never replaced.
+
+    Returns:
+      ``Path(path)``.
+    """
+    path = Path(path)
+    nodes, tensors = fmt.describe_adapter(adapter)
+    blob = fmt.safetensors_dumps(tensors, {"format": "lowrank_jax", "content": "adapter"})
+    try:
+        meta = json.loads(json.dumps(dict(metadata or {}), allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"save_adapter: metadata must be JSON-serializable: {e}") from None
+    doc: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "version": fmt.FORMAT_VERSION,
+        "library_version": _library_version(),
+        "tensors": {"file": ADAPTER_TENSORS, "bytes": len(blob), "sha256": _sha256(blob)},
+        "nodes": nodes,
+        "metadata": meta,
+    }
+    doc["checksum"] = fmt.canonical_sha256(doc)
+    text = json.dumps(doc, indent=1, allow_nan=False).encode("utf-8")
+    fmt.atomic_write_dir(path, {ADAPTER_TENSORS: blob, ADAPTER_JSON: text}, overwrite=overwrite,
+                         replaceable=(ADAPTER_TENSORS, ADAPTER_JSON))
+    return path
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_doc(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such adapter directory")
+    if path.is_file():
+        raise ValueError(f"{path}: is a file; an adapter is a directory with {ADAPTER_JSON} and {ADAPTER_TENSORS}")
+    jpath = path / ADAPTER_JSON
+    if not jpath.exists():
+        raise FileNotFoundError(f"{jpath}: missing (not a lowrank_jax adapter directory?)")
+    raw = jpath.read_bytes()
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{jpath}: corrupt or truncated: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise ValueError(f"{jpath}: not a lowrank_jax adapter description (format is "
+                         f"{doc.get('format') if isinstance(doc, dict) else type(doc).__name__!r})")
+    version = doc.get("version")
+    if not isinstance(version, int) or version > fmt.FORMAT_VERSION or version < 1:
+        raise ValueError(f"{jpath}: format version {version!r} is not supported by this library "
+                         f"(reads versions 1..{fmt.FORMAT_VERSION})")
+    checksum = doc.pop("checksum", None)
+    if checksum != fmt.canonical_sha256(doc):
+        raise ValueError(f"{jpath}: checksum mismatch: the description was modified or corrupted "
+                         f"(stored {checksum!r})")
+    return doc
+
+
+def read_adapter_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The verified ``adapter.json`` of an adapter directory (node descriptions, ``metadata``, …)."""
+    return _read_doc(Path(path))
+
+
+def load_adapter(path: str | os.PathLike, frozen: Any = None) -> dict:
+    """Load an adapter saved by :func:`save_adapter`.
+
+    Args:
+      path: the adapter directory.
+      frozen: optional frozen tree (from :func:`lowrank_jax.init` or the base params plus, for VeRA,
+        the shared projections); when given, every adapter path must exist in it with a kernel of
+        the shape the adapter was made for (see :func:`check_adapter_fits`).
+
+    Returns:
+      The adapter: nested dicts of ``AdapterParams`` equal to the saved one (structure, aux data and
+      array bits), arrays as ``jax.Array`` on the default device.
+
+    Raises:
+      FileNotFoundError: no such directory / file.
+      ValueError: corrupt, truncated or inconsistent files, unknown format version, or an adapter
+        that does not fit ``frozen`` — the message names the file or path and the problem.
+    """
+    path = Path(path)
+    doc = _read_doc(path)
+    jpath = path / ADAPTER_JSON
+    tinfo = doc.get("tensors")
+    if not isinstance(tinfo, dict) or tinfo.get("file") != ADAPTER_TENSORS:
+        raise ValueError(f"{jpath}: malformed 'tensors' entry {tinfo!r}")
+    tpath = path / ADAPTER_TENSORS
+    if not tpath.exists():
+        raise FileNotFoundError(f"{tpath}: missing")
+    blob = tpath.read_bytes()
+    if len(blob) != tinfo.get("bytes"):
+        raise ValueError(f"{tpath}: truncated or extended: {len(blob)} bytes, {jpath.name} says {tinfo.get('bytes')}")
+    if _sha256(blob) != tinfo.get("sha256"):
+        raise ValueError(f"{tpath}: corrupted: sha256 of the file does not match the one recorded in {jpath.name}")
+    tensors, _ = fmt.safetensors_loads(blob, str(tpath))
+
+    def fetch(tname: str, spec: dict, pstr: str, name: str) -> jax.Array:
+        if tname not in tensors:
+            raise ValueError(f"{tpath}: tensor {tname!r} (array {name!r} of {pstr}) is missing")
+        arr = tensors[tname]
+        if list(arr.shape) != list(spec.get("shape", [])) or arr.dtype.name != spec.get("dtype"):
+            raise ValueError(f"{tpath}: tensor {tname!r} is {arr.dtype.name}{list(arr.shape)} but {jpath.name} "
+                             f"says {spec.get('dtype')}{spec.get('shape')}")
+        return jnp.asarray(arr)
+
+    adapter = fmt.build_adapter(doc.get("nodes"), fetch, str(jpath))
+    if frozen is not None:
+        check_adapter_fits(adapter, frozen, where=str(path))
+    return adapter
+
+
+def _frozen_kernel_shape(leaf: Any) -> tuple[int, ...] | None:
+    if _is_frozen_leaf(leaf):
+        return None
+    return tuple(getattr(leaf, "shape", ()))
+
+
+def check_adapter_fits(adapter: Any, frozen: Any, *, where: str = "adapter") -> None:
+    """Raise ``ValueError`` unless every adapter node has a matching kernel (and shared arrays) in ``frozen``.
+
+    Checks: the node path exists in ``frozen``; its kernel has the node's shape (an NF4-quantized kernel
+    must hold the node's ``(*stack, out, in)`` matrix); VeRA nodes find their shared projections under
+    ``frozen[SHARED_KEY][name]`` large enough for the node's ``(in, out)`` and of the node's rank.
+    Messages name the path and both shapes.
+    """
+    base = base_params(frozen)
+    leaves, _ = flatten_with_paths(base, is_leaf=_is_frozen_leaf)
+    index = dict(leaves)
+    shared = frozen.get(SHARED_KEY, {}) if isinstance(frozen, Mapping) else {}
+    for p, node in adapter_nodes(adapter):
+        if p not in index:
+            near = [q for q in index if q.rsplit("/", 1)[-1] == p.rsplit("/", 1)[-1]][:5]
+            raise ValueError(f"{where}: adapter path {p!r} does not exist in the frozen tree"
+                             + (f" (kernels there include {near})" if near else ""))
+        leaf = index[p]
+        n_in, n_out = node.layout.matrix_shape(node.shape)
+        stack = node.layout.stack_shape(node.shape)
+        if _is_frozen_leaf(leaf):
+            got = tuple(leaf.batch_shape) + tuple(leaf.shape)
+            want = stack + (n_out, n_in)
+            if got != want:
+                raise ValueError(f"{where}: {p}: frozen NF4 kernel holds a {got} matrix, the adapter was made "
+                                 f"for {want} (kernel {node.shape})")
+        else:
+            got = _frozen_kernel_shape(leaf)
+            if got != node.shape:
+                raise ValueError(f"{where}: {p}: frozen kernel has shape {got}, the adapter was made for "
+                                 f"shape {node.shape}")
+        if node.shared is not None:
+            sh = shared.get(node.shared) if isinstance(shared, Mapping) else None
+            if sh is None:
+                raise ValueError(f"{where}: {p}: needs shared arrays {node.shared!r} under "
+                                 f"frozen[{SHARED_KEY!r}], which are missing")
+            rank = getattr(node.method, "rank", None)
+            a_shape, b_shape = tuple(np.shape(sh["a"])), tuple(np.shape(sh["b"]))
+            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != rank or b_shape[1] != rank \
+                    or a_shape[1] < n_in or b_shape[0] < n_out:
+                raise ValueError(f"{where}: {p}: shared projections {node.shared!r} have shapes a={a_shape}, "
+                                 f"b={b_shape}; this node needs a=({rank}, >={n_in}), b=(>={n_out}, {rank})")
