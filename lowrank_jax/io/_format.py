@@ -4,8 +4,10 @@ Nothing here is pickled or ``eval``-ed: arrays travel as raw little-endian bytes
 layout, everything else as JSON whose values are re-validated by the method classes' own
 constructors on load.
 
-safetensors layout (https://github.com/huggingface/safetensors, written here without the library so
-that bfloat16 works from numpy and every defect of a file can be reported precisely)::
+safetensors layout (https://github.com/huggingface/safetensors). Written here without the library:
+``safetensors.numpy.load`` / ``safetensors.flax.load`` of bytes raise ``KeyError: 'BF16'`` in
+safetensors 0.8 (bfloat16 adapters over bf16 bases must round-trip), and every defect of a file must
+be reported precisely. Files written here are read by the library (and PEFT) unchanged::
 
     [8 bytes: N, little-endian uint64][N bytes: JSON header, space-padded][data bytes]
     header = {"__metadata__": {str: str}, name: {"dtype": "F32", "shape": [..], "data_offsets": [b, e]}, ...}
