@@ -5,7 +5,7 @@
     y = lowrank_jax.apply(model, {"params": frozen}, adapter, x)   # factored: never forms W0 + ΔW
 """
 
-from lowrank_jax import io, train
+from lowrank_jax import io, sharding, train
 from lowrank_jax.adapter import AdapterParams
 from lowrank_jax.execution import LayerSpec, apply, discover
 from lowrank_jax.io import load_adapter, save_adapter
@@ -23,6 +23,7 @@ __all__ = [
     "apply",
     "discover",
     "train",
+    "sharding",
     "io",
     "save_adapter",
     "load_adapter",
