@@ -180,10 +180,10 @@ def _make_handler(targets: Mapping[str, _Target], shared: Mapping, consumed: set
 
         adt = adapter_dtype or jnp.result_type(*[p.dtype for p in params.values()])
         xa = _dropout(xm.astype(adt), method.dropout, key_data)
-        branch = view.mat_to_y(method.branch(xa, params, sh))
+        branch_m = method.branch(xa, params, sh)
 
         if getattr(method, "detach_norm", None) is None:  # additive methods: LoRA, VeRA
-            return y + branch.astype(y.dtype)
+            return y + view.mat_to_y(branch_m).astype(y.dtype)
         # DoRA: y = k ⊙ (x@W0 + branch) + bias, k = m / ‖W0 + s·A@B‖_col
         if target.quantized:
             from lowrank_jax.tree import _dequantize_matrix
@@ -191,8 +191,11 @@ def _make_handler(targets: Mapping[str, _Target], shared: Mapping, consumed: set
         else:
             w_mat = view.layout.to_matrix(kernel)
         scale = method.output_scale(w_mat, params)
+        # in the (rows, out) matrix view: 2-D elementwise ops and reductions (cheaper for XLA than
+        # broadcasting over several batch axes)
         y_nobias = y - bias.astype(y.dtype) if bias is not None else y
-        out = (y_nobias.astype(adt) + branch) * view.scale_to_y(scale.astype(adt), y.ndim)
+        out = (view.y_to_mat(y_nobias).astype(adt) + branch_m) * scale.astype(adt)[None, :]
+        out = view.mat_to_y(out)
         if bias is not None:
             out = out + bias.astype(adt)
         return out.astype(y.dtype)

@@ -267,16 +267,17 @@ def _factored_call(module: Any, base_call: Callable, args: tuple, kwargs: dict):
 
     adt = spec.adapter_dtype or jnp.result_type(*[p.dtype for p in params.values()])
     xa = _dropout(xm.astype(adt), method.dropout, key_data)
-    branch = view.mat_to_y(method.branch(xa, params, sh))
+    branch_m = method.branch(xa, params, sh)
 
     if getattr(method, "detach_norm", None) is None:           # additive: LoRA, VeRA
-        return y + branch.astype(y.dtype)
+        return y + view.mat_to_y(branch_m).astype(y.dtype)
     # DoRA: y = k ⊙ (x@W0 + branch) + bias,  k = m / ‖W0 + s·A@B‖_col
     w_mat = _dequantize_matrix(kernel) if spec.quantized else spec.layout.to_matrix(kernel)
     scale = method.output_scale(w_mat, params)
     bias_y = _bias_to_y(module, spec, bias, x, y, einsum_str) if bias is not None else None
     y_nobias = y - bias_y.astype(y.dtype) if bias_y is not None else y
-    out = (y_nobias.astype(adt) + branch) * view.scale_to_y(scale.astype(adt), y.ndim)
+    # in the (rows, out) matrix view: 2-D elementwise ops (see the linen handler)
+    out = view.mat_to_y((view.y_to_mat(y_nobias).astype(adt) + branch_m) * scale.astype(adt)[None, :])
     if bias_y is not None:
         out = out + bias_y.astype(adt)
     return out.astype(y.dtype)

@@ -22,7 +22,8 @@ class CallView:
     """Index bookkeeping for one call.
 
     ``x_perm`` moves the contracted input axes last (in kernel ``in`` order); ``rows`` is the shape of
-    the remaining input axes; ``out_shape`` the kernel's ``out`` axes; ``y_perm`` maps
+    the remaining input axes (flattened into one axis in the matrix view, so the adapter's thin
+    products are plain 2-D GEMMs — batched 3-D dots cost XLA extra activation copies); ``out_shape`` the kernel's ``out`` axes; ``y_perm`` maps
     ``(rows..., out...)`` to the layer's output axis order.
     """
 
@@ -36,7 +37,7 @@ class CallView:
     def x_to_mat(self, x):
         if self.x_perm != tuple(range(len(self.x_perm))):
             x = jnp.transpose(x, self.x_perm)
-        return x.reshape(*self.rows, self.in_size)
+        return x.reshape(-1, self.in_size)            # rows flattened: plain 2-D GEMMs
 
     def mat_to_y(self, ym):
         y = ym.reshape(*self.rows, *self.out_shape)
@@ -46,7 +47,7 @@ class CallView:
         if self.y_perm is not None:
             inv = tuple(self.y_perm.index(i) for i in range(len(self.y_perm)))
             y = jnp.transpose(y, inv)
-        return y.reshape(*self.rows, math.prod(self.out_shape))
+        return y.reshape(-1, math.prod(self.out_shape))
 
     def scale_to_y(self, scale, ndim: int):
         """A per-output-unit ``(out,)`` vector broadcastable against the layer output."""

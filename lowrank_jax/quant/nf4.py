@@ -477,11 +477,18 @@ def _expand_blocks(vals: jax.Array, scale: jax.Array, n: int, block: int) -> jax
     return out[..., :n] if total != n else out
 
 
-def _absmax_f32(q: NF4Array) -> jax.Array:
-    """Block scales in fp32: ``absmax_b = dyn[a_b] * nested[b // 256] + offset`` under double quant."""
+def _absmax_f32(q: NF4Array, dep: jax.Array | None = None) -> jax.Array:
+    """Block scales in fp32: ``absmax_b = dyn[a_b] * nested[b // 256] + offset`` under double quant.
+
+    ``dep`` (a scalar) is added as ``0·dep`` to the dynamic map, the first op of the scale decode, so
+    that a backward re-dequantization cannot share the decoded scales with the forward one.
+    """
     if not q.double_quant:
         return q.absmax.astype(jnp.float32)
-    dq = jnp.asarray(DYNAMIC_MAP_SIGNED)[q.absmax.astype(jnp.int32)]
+    dyn = jnp.asarray(DYNAMIC_MAP_SIGNED)
+    if dep is not None:
+        dyn = dyn + jnp.float32(0.0) * dep
+    dq = dyn[q.absmax.astype(jnp.int32)]
     scaled = _expand_blocks(dq, q.nested_absmax.astype(jnp.float32), q.n_blocks, _NESTED_BLOCK)
     # bnb rounds the product before adding the offset.  Inside a jit fusion XLA:CPU may contract
     # `a * b + c` into one FMA (one rounding), which moves results by an ulp; a select between
@@ -498,7 +505,8 @@ def _dequantize_f32(q: NF4Array, pairs_lut: jax.Array) -> jax.Array:
     """
     batch = q.batch_shape
     vals = pairs_lut[q.packed.astype(jnp.int32)].reshape(*batch, -1)  # (*batch, 2*ceil(n/2))
-    w = _expand_blocks(vals, _absmax_f32(q), q.size, q.block_size)
+    # pairs_lut carries any fake data dependency; pass it on to the scale decode too
+    w = _expand_blocks(vals, _absmax_f32(q, pairs_lut[0, 0]), q.size, q.block_size)
     return w.reshape(*batch, *q.shape)
 
 
