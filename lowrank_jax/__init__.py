@@ -7,7 +7,7 @@
 
 from lowrank_jax import io, sharding, train
 from lowrank_jax.adapter import AdapterParams
-from lowrank_jax.execution import LayerSpec, apply, discover
+from lowrank_jax.execution import DORA_PRE_SCALE, LayerSpec, apply, discover
 from lowrank_jax.io import load_adapter, save_adapter
 from lowrank_jax.layout import Layout
 from lowrank_jax.methods import DoRA, LoRA, VeRA, vera_projections
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterParams",
+    "DORA_PRE_SCALE",
     "LayerSpec",
     "apply",
     "discover",

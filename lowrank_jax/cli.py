@@ -62,6 +62,62 @@ def _example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_lr(text: str | None) -> dict[str, float]:
+    """``--lr``: one number for every method, or ``method=value`` pairs (``lora=1e-3,vera=1e-2``)."""
+    from lowrank_jax.compare import DEFAULT_LR
+
+    if not text:
+        return {}
+    if "=" not in text:
+        v = float(text)
+        return {m: v for m in DEFAULT_LR}
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        out[name.strip()] = float(value)
+    return out
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """Fine-tune a pretrained model on Rotten Tomatoes with every method; table, results.json, figure."""
+    from lowrank_jax.models.assets import AssetNotInstalledError
+
+    try:
+        from lowrank_jax.compare import CompareConfig, run_compare
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+        defaults = _COMPARE_DEFAULTS[args.model]
+        cfg = CompareConfig(
+            model=args.model,
+            methods=tuple(methods) if methods else defaults["methods"],
+            rank=args.rank, alpha=args.alpha, vera_rank=args.vera_rank, targets=args.targets,
+            steps=args.steps if args.steps is not None else defaults["steps"],
+            batch_size=args.batch_size if args.batch_size is not None else defaults["batch_size"],
+            seq_len=args.seq_len if args.seq_len is not None else defaults["seq_len"],
+            buckets=tuple(int(b) for b in args.buckets.split(",")) if args.buckets else None,
+            seed=args.seed, lr=_parse_lr(args.lr),
+            eval_examples=args.eval_examples if args.eval_examples is not None else defaults["eval_examples"],
+            out=args.out, progress=not args.no_progress,
+        )
+    except ValueError as e:
+        print(f"lowrank-jax compare: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        run_compare(cfg)
+    except AssetNotInstalledError as e:
+        print(f"lowrank-jax compare: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+_COMPARE_DEFAULTS = {
+    "minilm": {"methods": ("full", "probe", "lora", "dora", "vera", "qlora", "qdora"),
+               "steps": 150, "batch_size": 16, "seq_len": 48, "eval_examples": 0},
+    "smollm2": {"methods": ("zeroshot", "lora", "qlora"),
+                "steps": 30, "batch_size": 8, "seq_len": 40, "eval_examples": 200},
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lowrank-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +125,35 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--steps", type=int, default=100)
     ex.add_argument("--seed", type=int, default=0)
     ex.set_defaults(func=_example)
+
+    cmp = sub.add_parser(
+        "compare", help="fine-tune MiniLM (or SmolLM2) on Rotten Tomatoes with every method and compare",
+        description="Fine-tune a pretrained model on Rotten Tomatoes (split by movie) with full fine-tuning, "
+                    "a linear probe, LoRA, DoRA, VeRA, QLoRA and QDoRA under the same budget, data order and "
+                    "seed; print a table and write results.json and compare.png to --out.")
+    cmp.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
+    cmp.add_argument("--methods", default=None,
+                     help="comma list of full,probe,lora,dora,vera,qlora,qdora (smollm2 also: zeroshot); "
+                          "default all for minilm, zeroshot,lora,qlora for smollm2")
+    cmp.add_argument("--rank", type=int, default=8, help="LoRA/DoRA/QLoRA/QDoRA rank")
+    cmp.add_argument("--alpha", type=float, default=None, help="LoRA/DoRA alpha (default 2*rank)")
+    cmp.add_argument("--vera-rank", type=int, default=256)
+    cmp.add_argument("--targets", choices=("attention", "all"), default="attention",
+                     help="adapt the attention query/value kernels or every linear layer")
+    cmp.add_argument("--steps", type=int, default=None, help="steps per method (default 150; smollm2 30)")
+    cmp.add_argument("--batch-size", type=int, default=None, help="default 16 (smollm2 8)")
+    cmp.add_argument("--seq-len", type=int, default=None, help="max tokens per example (default 48; smollm2 40)")
+    cmp.add_argument("--buckets", default=None,
+                     help="comma list of batch widths (one compile each); default 32,SEQ_LEN")
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--lr", default=None,
+                     help="learning rate for every method, or per method: lora=1e-3,vera=1e-2 "
+                          "(defaults: full 1e-4, probe 3e-2, lora/dora/qlora/qdora 5e-3, vera 3e-2)")
+    cmp.add_argument("--eval-examples", type=int, default=None,
+                     help="size of the fixed test subset, 0 = whole test split (default 0; smollm2 200)")
+    cmp.add_argument("--out", default="compare_out", help="folder for results.json and compare.png")
+    cmp.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    cmp.set_defaults(func=_compare)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,6 +1,6 @@
 """Factored execution: adapters applied inside Flax layers (linen interception, NNX)."""
 
 from lowrank_jax.execution import nnx
-from lowrank_jax.execution.linen import LayerSpec, apply, discover
+from lowrank_jax.execution.linen import DORA_PRE_SCALE, LayerSpec, apply, discover
 
-__all__ = ["LayerSpec", "apply", "discover", "nnx"]
+__all__ = ["DORA_PRE_SCALE", "LayerSpec", "apply", "discover", "nnx"]

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from lowrank_jax.adapter import AdapterParams
 from lowrank_jax.execution import views
@@ -42,6 +43,10 @@ from lowrank_jax.tree import (
 )
 
 SEP = "__lowrank_"
+# checkpoint_name of DoRA's pre-scale output x@W0 + s·(x@A)@B: its magnitude gradient needs it, so a
+# remat policy that saves only layer outputs should also save this name, e.g.
+# jax.checkpoint_policies.save_only_these_names("my_layer_out", lowrank_jax.DORA_PRE_SCALE).
+DORA_PRE_SCALE = "lowrank_dora_pre_scale"
 DROPOUT_KEY = "dropout_key"
 
 
@@ -194,7 +199,8 @@ def _make_handler(targets: Mapping[str, _Target], shared: Mapping, consumed: set
         # in the (rows, out) matrix view: 2-D elementwise ops and reductions (cheaper for XLA than
         # broadcasting over several batch axes)
         y_nobias = y - bias.astype(y.dtype) if bias is not None else y
-        out = (view.y_to_mat(y_nobias).astype(adt) + branch_m) * scale.astype(adt)[None, :]
+        pre = checkpoint_name(view.y_to_mat(y_nobias).astype(adt) + branch_m, DORA_PRE_SCALE)
+        out = pre * scale.astype(adt)[None, :]
         out = view.mat_to_y(out)
         if bias is not None:
             out = out + bias.astype(adt)

@@ -46,11 +46,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from lowrank_jax.adapter import AdapterParams
 from lowrank_jax.execution import views
 from lowrank_jax.layout import Layout
+from lowrank_jax.execution.linen import DORA_PRE_SCALE
 from lowrank_jax.tree import (
     SHARED_KEY,
     _check_fit,
@@ -277,7 +279,8 @@ def _factored_call(module: Any, base_call: Callable, args: tuple, kwargs: dict):
     bias_y = _bias_to_y(module, spec, bias, x, y, einsum_str) if bias is not None else None
     y_nobias = y - bias_y.astype(y.dtype) if bias_y is not None else y
     # in the (rows, out) matrix view: 2-D elementwise ops (see the linen handler)
-    out = view.mat_to_y((view.y_to_mat(y_nobias).astype(adt) + branch_m) * scale.astype(adt)[None, :])
+    pre = checkpoint_name(view.y_to_mat(y_nobias).astype(adt) + branch_m, DORA_PRE_SCALE)
+    out = view.mat_to_y(pre * scale.astype(adt)[None, :])
     if bias_y is not None:
         out = out + bias_y.astype(adt)
     return out.astype(y.dtype)
