@@ -134,6 +134,7 @@ def _module_key(module: nn.Module, kernel: str) -> str:
 
 
 def _dropout(x, rate: float, key_data):
+    """Inverted dropout of the adapter input: keep with probability ``1 − rate``, scale by ``1/(1 − rate)``."""
     if rate == 0.0 or key_data is None:
         return x
     key = jax.random.wrap_key_data(key_data)

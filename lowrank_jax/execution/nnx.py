@@ -52,7 +52,7 @@ from flax import nnx
 from lowrank_jax.adapter import AdapterParams
 from lowrank_jax.execution import views
 from lowrank_jax.layout import Layout
-from lowrank_jax.execution.linen import DORA_PRE_SCALE
+from lowrank_jax.execution.linen import DORA_PRE_SCALE, _dropout
 from lowrank_jax.tree import (
     SHARED_KEY,
     _check_fit,
@@ -190,14 +190,6 @@ class _Spec:
     quantized: bool
     dropout: bool
     adapter_dtype: Any
-
-
-def _dropout(x, rate: float, key_data):
-    if rate == 0.0 or key_data is None:
-        return x
-    key = jax.random.wrap_key_data(key_data)
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 def _call_input(args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
