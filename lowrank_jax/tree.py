@@ -25,6 +25,9 @@ from lowrank_jax.layout import DEFAULT_LAYOUT, Layout
 from lowrank_jax.methods.base import count_matrix_params, matches
 
 SHARED_KEY = "__lowrank_shared__"
+# frozen[SHARED_KEY][BASE_SQ_NORMS][path]: DoRA's ‖W0_j‖² per output unit, (*stack, out), cached at init
+# because W0 is frozen; the factored path then reads W0 once per step (for W0ᵀA) instead of twice.
+BASE_SQ_NORMS = "dora_base_sq_norms"
 
 Array = jax.Array
 LayoutSpec = Mapping[str, Layout] | None
@@ -223,6 +226,7 @@ def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) ->
 
     new_leaves = [v for _, v in leaves]
     adapter: dict = {}
+    norm_cache: dict[str, Array] = {}
     for i, mi in sorted(owner.items()):
         m = methods[mi]
         path, leaf = paths[i], leaves[i][1]
@@ -254,11 +258,16 @@ def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) ->
             new_leaves[i] = _quantize_matrix(w, m.quant, len(stack), leaf.dtype)
         node = AdapterParams(arrays, m, layout, tuple(leaf.shape), str(leaf.dtype), shared_name[mi])
         _set_path(adapter, _path_keys(leaves[i][0]), node)
+        if getattr(m, "caches_base_norm", False) and isinstance(params, Mapping):
+            norm_cache[path] = jnp.sum(jnp.square(frozen_matrix(new_leaves[i], node)), axis=-2)
 
     frozen = jax.tree_util.tree_unflatten(treedef, new_leaves)
+    if norm_cache:
+        shared[BASE_SQ_NORMS] = norm_cache
     if shared:
         if not isinstance(frozen, Mapping):
             raise TypeError(f"init: VeRA needs params to be a mapping at the top level, got {type(params).__name__}")
+        # (a DoRA norm cache is only made for mapping params, so this is VeRA's case)
         frozen = {**frozen, SHARED_KEY: shared}
     return frozen, adapter
 

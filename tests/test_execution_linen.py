@@ -202,3 +202,22 @@ def test_dropout_only_on_adapter_branch():
     # the branch is unbiased: averaging over many keys approaches the eval output
     ys = jnp.stack([lj.apply(model, {"params": frozen}, adapter, x, dropout_key=jax.random.key(k)) for k in range(200)])
     np.testing.assert_allclose(ys.mean(0), y_eval, atol=0.15 * float(jnp.abs(y_eval).max()))
+
+
+def test_dora_base_norm_cache_is_used_and_equals_in_step_norm(tiny):
+    model, variables, x = tiny
+    frozen, adapter = lj.init(METHODS["dora"], variables["params"], jax.random.key(2),
+                              layouts=lj.discover(model, variables, x))
+    cache = frozen[lj.SHARED_KEY][lj.tree.BASE_SQ_NORMS]
+    kernels = dict(lj.tree.flatten_with_paths(lj.base_params(frozen))[0])
+    for path, node in lj.tree.adapter_nodes(adapter):
+        w = np.asarray(lj.tree.frozen_matrix(kernels[path], node))
+        np.testing.assert_allclose(cache[path], (w.astype(np.float64) ** 2).sum(axis=-2), rtol=1e-5)
+    adapter = _randomize(adapter)
+    no_cache = {k: v for k, v in frozen.items() if k != lj.SHARED_KEY}
+    y_cached = lj.apply(model, {"params": frozen}, adapter, x)
+    y_plain = lj.apply(model, {"params": no_cache}, adapter, x)
+    np.testing.assert_allclose(y_cached, y_plain, rtol=1e-5, atol=1e-5)
+    # a wrong cache changes the output: the cached value is what the step reads
+    bad = {**frozen, lj.SHARED_KEY: {lj.tree.BASE_SQ_NORMS: {p: 4.0 * v for p, v in cache.items()}}}
+    assert not np.allclose(lj.apply(model, {"params": bad}, adapter, x), y_cached, atol=1e-3)

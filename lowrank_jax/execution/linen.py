@@ -34,6 +34,7 @@ from lowrank_jax.adapter import AdapterParams
 from lowrank_jax.execution import views
 from lowrank_jax.layout import Layout
 from lowrank_jax.tree import (
+    BASE_SQ_NORMS,
     SHARED_KEY,
     _is_frozen_leaf,
     adapter_nodes,
@@ -48,6 +49,7 @@ SEP = "__lowrank_"
 # jax.checkpoint_policies.save_only_these_names("my_layer_out", lowrank_jax.DORA_PRE_SCALE).
 DORA_PRE_SCALE = "lowrank_dora_pre_scale"
 DROPOUT_KEY = "dropout_key"
+BASE_SQ_NORM = "base_sq_norm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +198,9 @@ def _make_handler(targets: Mapping[str, _Target], shared: Mapping, consumed: set
             w_mat = _dequantize_matrix(kernel)
         else:
             w_mat = view.layout.to_matrix(kernel)
-        scale = method.output_scale(w_mat, params)
+        cache_name = spec.kernel + SEP + BASE_SQ_NORM
+        cache = module.get_variable("params", cache_name) if module.has_variable("params", cache_name) else None
+        scale = method.output_scale(w_mat, params, cache)
         # in the (rows, out) matrix view: 2-D elementwise ops and reductions (cheaper for XLA than
         # broadcasting over several batch axes)
         y_nobias = y - bias.astype(y.dtype) if bias is not None else y
@@ -222,8 +226,9 @@ def _split_path(path: str) -> tuple[list[str], str]:
     return parts[:-1], parts[-1]
 
 
-def _colocate(base: Any, nodes: list[tuple[str, AdapterParams]], dropout_key: Any) -> Any:
-    """Copy of the params dict with each adapter's arrays next to its kernel."""
+def _colocate(base: Any, nodes: list[tuple[str, AdapterParams]], dropout_key: Any,
+              norm_cache: Mapping[str, Any] | None = None) -> Any:
+    """Copy of the params dict with each adapter's arrays (and frozen per-kernel extras) next to its kernel."""
     if not isinstance(base, Mapping):
         raise TypeError(f"apply: variables['params'] must be a mapping, got {type(base).__name__}")
 
@@ -238,6 +243,8 @@ def _colocate(base: Any, nodes: list[tuple[str, AdapterParams]], dropout_key: An
             d = d[m]
         for name, arr in node.params.items():
             d[kname + SEP + name] = arr
+        if norm_cache and path in norm_cache:
+            d[kname + SEP + BASE_SQ_NORM] = norm_cache[path]
         if dropout_key is not None and node.method.dropout > 0:
             stack = node.layout.stack_shape(node.shape)
             k = jax.random.fold_in(dropout_key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
@@ -289,7 +296,7 @@ def apply(model: nn.Module, variables: Mapping[str, Any], adapter: Any, *args,
         targets[path] = _Target(path, node, _is_frozen_leaf(leaves[path]))
 
     def run(nodes_now, base_now, consumed):
-        params = _colocate(base_now, nodes_now, dropout_key)
+        params = _colocate(base_now, nodes_now, dropout_key, shared.get(BASE_SQ_NORMS))
         live = {k: v for k, v in targets.items() if any(p == k for p, _ in nodes_now)}
         handler = _make_handler(live, shared, consumed, custom_layers, adapter_dtype)
         with nn.intercept_methods(handler):

@@ -183,6 +183,8 @@ class DoRA(_LowRank):
         if not isinstance(self.detach_norm, bool):
             raise TypeError(f"DoRA: detach_norm must be a bool, got {self.detach_norm!r}")
 
+    caches_base_norm = True  # init stores ‖W0_j‖² in the frozen tree for the factored norm
+
     def param_shapes(self, n_in: int, n_out: int) -> dict[str, tuple[int, ...]]:
         return {"a": (n_in, self.rank), "b": (self.rank, n_out), "m": (n_out,)}
 
