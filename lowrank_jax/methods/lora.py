@@ -218,7 +218,7 @@ class DoRA(_LowRank):
         s = self.scaling
         w = _up(w)
         w_sq = jnp.sum(w * w, axis=0) if cache is None else cache
-        cross = jnp.sum((w.T @ a) * b.T, axis=1)              # ⟨(W0ᵀA)_j, B_j⟩, (out,)
+        cross = jnp.sum((a.T @ w) * b, axis=0)                # ⟨(AᵀW0)_{:,j}, B_{:,j}⟩, (out,)
         quad = jnp.sum(b * ((a.T @ a) @ b), axis=0)           # B_jᵀ (AᵀA) B_j, (out,)
         n = jnp.sqrt(jnp.maximum(w_sq + 2.0 * s * cross + s * s * quad, 0.0))
         if self.detach_norm:
