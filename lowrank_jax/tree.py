@@ -60,10 +60,9 @@ def flatten_with_paths(tree: Any, is_leaf=None) -> tuple[list[tuple[str, Any]], 
 
 
 def base_params(frozen: Any) -> Any:
-    """The frozen tree without the shared VeRA entry (what the model itself sees)."""
+    """The frozen tree without the ``SHARED_KEY`` entry (VeRA projections, DoRA norm cache): what the model sees."""
     if isinstance(frozen, Mapping) and SHARED_KEY in frozen:
-        return type(frozen)({k: v for k, v in frozen.items() if k != SHARED_KEY}) \
-            if isinstance(frozen, dict) else {k: v for k, v in frozen.items() if k != SHARED_KEY}
+        return {k: v for k, v in frozen.items() if k != SHARED_KEY}
     return frozen
 
 

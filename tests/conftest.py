@@ -56,3 +56,16 @@ def tiny(request):
     x = jax.random.normal(jax.random.key(0), (4, 6, 8))
     variables = model.init(jax.random.key(1), x)
     return model, variables, x
+
+
+def randomize(adapter, seed=0, scale=0.2):
+    """The adapter with every array moved by ``scale`` · N(0, 1) noise: nonzero, distinct, deterministic."""
+    leaves, treedef = jax.tree_util.tree_flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [v + scale * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys)])
+
+
+def rel_err(a, b):
+    """Max-abs error of ``a`` relative to the largest magnitude of the reference ``b``."""
+    return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import lowrank_jax as lj
-from conftest import BLOCK_TARGETS
+from conftest import BLOCK_TARGETS, TinyModel, randomize, rel_err
 
 METHODS = {
     "lora": lj.LoRA(rank=4, alpha=8.0, targets=BLOCK_TARGETS),
@@ -21,15 +21,6 @@ METHODS = {
 }
 
 
-def _randomize(adapter, seed=0, scale=0.2):
-    leaves, treedef = jax.tree_util.tree_flatten(adapter)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
-
-
-def _rel(a, b):
-    return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -37,7 +28,7 @@ def test_factored_equals_merge_outputs_and_gradients(tiny, name):
     model, variables, x = tiny
     layouts = lj.discover(model, variables, x)
     frozen, adapter = lj.init(METHODS[name], variables["params"], jax.random.key(2), layouts=layouts)
-    adapter = _randomize(adapter)
+    adapter = randomize(adapter)
 
     def merged_loss(ad):
         return jnp.sum(model.apply({"params": lj.merge(frozen, ad)}, x) ** 2)
@@ -47,11 +38,11 @@ def test_factored_equals_merge_outputs_and_gradients(tiny, name):
 
     y_m = model.apply({"params": lj.merge(frozen, adapter)}, x)
     y_f = jax.jit(lambda ad: lj.apply(model, {"params": frozen}, ad, x))(adapter)
-    assert _rel(y_f, y_m) < 1e-5
+    assert rel_err(y_f, y_m) < 1e-5
     g_m = jax.grad(merged_loss)(adapter)
     g_f = jax.jit(jax.grad(factored_loss))(adapter)
     for a, b in zip(jax.tree_util.tree_leaves(g_f), jax.tree_util.tree_leaves(g_m)):
-        assert _rel(a, b) < 1e-5
+        assert rel_err(a, b) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["lora", "dora_detached", "vera"])
@@ -91,12 +82,12 @@ def test_einsum_layers(name):
     method = {"lora": lj.LoRA(rank=2, targets=".*kernel"), "dora": lj.DoRA(rank=2, targets=".*kernel"),
               "vera": lj.VeRA(rank=4, targets=".*kernel")}[name]
     frozen, adapter = lj.init(method, variables["params"], jax.random.key(2), layouts=layouts)
-    adapter = _randomize(adapter)
+    adapter = randomize(adapter)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback: both einsums are factored
         y_f = lj.apply(model, {"params": frozen}, adapter, x)
     y_m = model.apply({"params": lj.merge(frozen, adapter)}, x)
-    assert _rel(y_f, y_m) < 1e-5
+    assert rel_err(y_f, y_m) < 1e-5
 
 
 def _dot_shapes(hlo_text):
@@ -106,7 +97,7 @@ def _dot_shapes(hlo_text):
 
 @pytest.mark.parametrize("name", ["lora", "dora_detached", "vera"])
 def test_train_step_hlo_has_no_full_size_dot(name):
-    model = __import__("conftest").TinyModel(dim=48, layers=2, scan=False)
+    model = TinyModel(dim=48, layers=2, scan=False)
     x = jax.random.normal(jax.random.key(0), (2, 5, 8))
     variables = model.init(jax.random.key(1), x)
     layouts = lj.discover(model, variables, x)
@@ -131,7 +122,7 @@ def test_jit_never_reuses_a_trace_for_another_adapter(tiny):
     layouts = lj.discover(model, variables, x)
     f_lora, a_lora = lj.init(METHODS["lora"], variables["params"], jax.random.key(2), layouts=layouts)
     f_vera, a_vera = lj.init(METHODS["vera"], variables["params"], jax.random.key(2), layouts=layouts)
-    a_lora, a_vera = _randomize(a_lora), _randomize(a_vera)
+    a_lora, a_vera = randomize(a_lora), randomize(a_vera)
 
     @jax.jit
     def run(frozen, adapter):
@@ -146,7 +137,7 @@ def test_jit_never_reuses_a_trace_for_another_adapter(tiny):
     np.testing.assert_allclose(y_none, base, rtol=1e-5, atol=1e-5)
     a_other = lj.init(lj.LoRA(rank=2, targets=BLOCK_TARGETS), variables["params"], jax.random.key(2),
                       layouts=layouts)[1]
-    a_other = _randomize(a_other, seed=5)
+    a_other = randomize(a_other, seed=5)
     np.testing.assert_allclose(run(f_lora, a_other), model.apply({"params": lj.merge(f_lora, a_other)}, x),
                                rtol=1e-5, atol=1e-5)
 
@@ -171,7 +162,7 @@ def test_unrecognised_layer_falls_back_to_merge_with_a_warning_and_custom_layers
     x = jax.random.normal(jax.random.key(0), (3, 5))
     variables = model.init(jax.random.key(1), x)
     frozen, adapter = lj.init(lj.LoRA(rank=2, targets=r".*/(kernel|w)"), variables["params"], jax.random.key(2))
-    adapter = _randomize(adapter)
+    adapter = randomize(adapter)
     ref = model.apply({"params": lj.merge(frozen, adapter)}, x)
     with pytest.warns(UserWarning, match=r"merged inside the step instead: \['c/w'\]"):
         y = lj.apply(model, {"params": frozen}, adapter, x)
@@ -192,7 +183,7 @@ def test_dropout_only_on_adapter_branch():
     # With B = 0 the branch is zero, so dropout must not change anything.
     y_fresh = lj.apply(model, {"params": frozen}, adapter, x, dropout_key=jax.random.key(3))
     np.testing.assert_array_equal(y_fresh, model.apply(variables, x))
-    adapter = _randomize(adapter)
+    adapter = randomize(adapter)
     y_eval = lj.apply(model, {"params": frozen}, adapter, x)
     y_a = lj.apply(model, {"params": frozen}, adapter, x, dropout_key=jax.random.key(3))
     y_b = lj.apply(model, {"params": frozen}, adapter, x, dropout_key=jax.random.key(4))
@@ -213,7 +204,7 @@ def test_dora_base_norm_cache_is_used_and_equals_in_step_norm(tiny):
     for path, node in lj.tree.adapter_nodes(adapter):
         w = np.asarray(lj.tree.frozen_matrix(kernels[path], node))
         np.testing.assert_allclose(cache[path], (w.astype(np.float64) ** 2).sum(axis=-2), rtol=1e-5)
-    adapter = _randomize(adapter)
+    adapter = randomize(adapter)
     no_cache = {k: v for k, v in frozen.items() if k != lj.SHARED_KEY}
     y_cached = lj.apply(model, {"params": frozen}, adapter, x)
     y_plain = lj.apply(model, {"params": no_cache}, adapter, x)

@@ -11,6 +11,7 @@ from flax import nnx
 
 import lowrank_jax as lj
 from lowrank_jax.execution import nnx as lnx
+from conftest import randomize, rel_err
 
 D = 16
 
@@ -83,15 +84,6 @@ def setup():
     return model, x, lnx.discover(model), lnx.params_of(model), model(x)
 
 
-def _randomize(adapter, seed=0, scale=0.2):
-    leaves, treedef = jax.tree_util.tree_flatten(adapter)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [v + scale * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys)])
-
-
-def _rel(a, b):
-    return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
 
 
 def _merged_call(model, params, x):
@@ -125,7 +117,7 @@ def _assert_trees_close(g_f, g_m, tol=1e-5):
     assert [p for p, _ in flat_f] == [p for p, _ in flat_m]
     for (p, a), (_, b) in zip(flat_f, flat_m):
         assert float(jnp.max(jnp.abs(b))) > 0, jax.tree_util.keystr(p)
-        assert _rel(a, b) < tol, (jax.tree_util.keystr(p), _rel(a, b))
+        assert rel_err(a, b) < tol, (jax.tree_util.keystr(p), rel_err(a, b))
 
 
 def _snapshot(model):
@@ -156,7 +148,7 @@ def test_factored_equals_merge_outputs_and_gradients(setup, name):
     model, x, layouts, params, _ = setup
     frozen, adapter = lj.init(METHODS[name], params, jax.random.key(2), layouts=layouts)
     assert len(lj.tree.adapter_nodes(adapter)) == 11
-    adapter = _randomize(adapter)
+    adapter = randomize(adapter)
     before = _snapshot(model)
     factored, merged = _losses(model, frozen, x)
 
@@ -164,7 +156,7 @@ def test_factored_equals_merge_outputs_and_gradients(setup, name):
         warnings.simplefilter("error")                 # nothing falls back to merging
         g_f, y_f = jax.jit(jax.grad(factored, has_aux=True))(adapter)
     g_m, y_m = jax.jit(jax.grad(merged, has_aux=True))(adapter)
-    assert _rel(y_f, y_m) < 1e-5
+    assert rel_err(y_f, y_m) < 1e-5
     _assert_trees_close(g_f, g_m)
 
     # the user's model is untouched: same graphdef (classes, attributes), same variable values
@@ -185,7 +177,7 @@ def test_plain_eager_grad_over_the_adapter_of_a_scan_remat_stack(setup):
     frozen, adapter = lj.init(lj.DoRA(rank=2, targets=".*kernel", detach_norm=False), lnx.params_of(stack),
                               jax.random.key(2), layouts=lnx.discover(stack))
     assert adapter["layers"]["lin"]["kernel"].a.shape == (2, D, 2)        # one adapter per layer
-    adapter = _randomize(adapter)
+    adapter = randomize(adapter)
     r = jax.random.normal(jax.random.key(7), (2, 5, D))
     g_f = jax.grad(lambda ad: jnp.sum(lnx.apply(stack, frozen, ad, h) * r))(adapter)
     g_m = jax.grad(lambda ad: jnp.sum(_merged_call(stack, lj.merge(frozen, ad), h) * r))(adapter)
@@ -208,8 +200,8 @@ def test_jit_never_reuses_a_trace_for_another_adapter(setup):
     model, x, layouts, params, y0 = setup
     f_lora, a_lora = lj.init(METHODS["lora"], params, jax.random.key(2), layouts=layouts)
     f_vera, a_vera = lj.init(METHODS["vera"], params, jax.random.key(2), layouts=layouts)
-    a_lora, a_vera = _randomize(a_lora), _randomize(a_vera)
-    a_other = _randomize(lj.init(lj.LoRA(rank=3, targets=r"stack/.*kernel"), params, jax.random.key(3),
+    a_lora, a_vera = randomize(a_lora), randomize(a_vera)
+    a_other = randomize(lj.init(lj.LoRA(rank=3, targets=r"stack/.*kernel"), params, jax.random.key(3),
                                  layouts=layouts)[1], seed=5)
     traces = []
 
@@ -219,7 +211,7 @@ def test_jit_never_reuses_a_trace_for_another_adapter(setup):
         return lnx.apply(model, frozen, adapter, x)
 
     for frozen, adapter in ((f_lora, a_lora), (f_vera, a_vera), (f_lora, a_other),
-                            (f_lora, _randomize(a_lora, seed=9))):
+                            (f_lora, randomize(a_lora, seed=9))):
         # {} = no adapter: the model's own layers on the merged params (the merge path)
         np.testing.assert_allclose(run(frozen, adapter), run(lj.merge(frozen, adapter), {}),
                                    rtol=1e-5, atol=1e-5)
@@ -234,11 +226,11 @@ def test_qlora_nf4_kernels_in_scan_and_plain_layers(setup):
                      quant=lj.NF4())
     frozen, adapter = lj.init(method, params, jax.random.key(2), layouts=layouts)
     assert lj.tree._is_frozen_leaf(frozen["stack"]["layers"]["lin"]["kernel"])
-    adapter = _randomize(adapter)
+    adapter = randomize(adapter)
     factored, merged = _losses(model, frozen, x)
     g_f, y_f = jax.jit(jax.grad(factored, has_aux=True))(adapter)
     g_m, y_m = jax.jit(jax.grad(merged, has_aux=True))(adapter)
-    assert _rel(y_f, y_m) < 1e-5
+    assert rel_err(y_f, y_m) < 1e-5
     _assert_trees_close(g_f, g_m)
 
 
@@ -248,7 +240,7 @@ def test_dropout_only_on_adapter_branch_and_keyed(setup):
     frozen, adapter = lj.init(method, params, jax.random.key(2), layouts=layouts)
     run = jax.jit(lambda ad, k: lnx.apply(model, frozen, ad, x, dropout_key=k))
     np.testing.assert_allclose(run(adapter, jax.random.key(3)), y0, rtol=1e-6, atol=1e-6)  # B = 0
-    adapter = _randomize(adapter)
+    adapter = randomize(adapter)
     y_a, y_a2, y_b = run(adapter, jax.random.key(3)), run(adapter, jax.random.key(3)), run(adapter, jax.random.key(4))
     y_eval = jax.jit(lambda ad: lnx.apply(model, frozen, ad, x))(adapter)
     np.testing.assert_array_equal(np.asarray(y_a), np.asarray(y_a2))
@@ -272,7 +264,7 @@ def test_unrecognised_kernel_is_merged_with_a_warning_and_state_updates_can_be_r
     x = jax.random.normal(jax.random.key(1), (3, D))
     params = lnx.params_of(model)
     frozen, adapter = lj.init(lj.LoRA(rank=2, targets=r"(w|lin/kernel)"), params, jax.random.key(2))
-    adapter = _randomize(adapter)
+    adapter = randomize(adapter)
     ref = _merged_call(model, lj.merge(frozen, adapter), x)
     with pytest.warns(UserWarning, match=r"merged inside the step instead: \['w'\]"):
         y, state = lnx.apply(model, frozen, adapter, x, return_state=True)

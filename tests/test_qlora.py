@@ -8,14 +8,9 @@ import optax
 import pytest
 
 import lowrank_jax as lj
-from conftest import BLOCK_TARGETS, TinyModel
+from conftest import BLOCK_TARGETS, TinyModel, randomize
 from lowrank_jax.quant.nf4 import NF4Array
 
-
-def _randomize(adapter, seed=0, scale=0.1):
-    leaves, treedef = jax.tree_util.tree_flatten(adapter)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
 def _is_nf4(x):
@@ -30,7 +25,7 @@ def test_quantized_equals_unquantized_method_over_dequantized_base(tiny, cls):
     frozen_q, adapter_q = lj.init(q_method, variables["params"], jax.random.key(2), layouts=layouts)
     assert sum(_is_nf4(v) for v in jax.tree_util.tree_leaves(frozen_q, is_leaf=_is_nf4)) == \
         len(lj.tree.adapter_nodes(adapter_q))
-    adapter_q = _randomize(adapter_q)
+    adapter_q = randomize(adapter_q, scale=0.1)
     # The same adapter arrays as a plain method over the dequantized base.
     plain = cls(rank=4, targets=BLOCK_TARGETS)
     deq_params = lj.merge(frozen_q, jax.tree_util.tree_map(jnp.zeros_like, adapter_q)) if cls is lj.LoRA else None
@@ -87,7 +82,7 @@ def test_storage_is_about_4_13_bits_per_weight_with_double_quant():
 def test_merge_requantize_returns_nf4():
     params = {"l": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(128, 64)), jnp.float32)}}
     frozen, adapter = lj.init(lj.LoRA(rank=4, quant=lj.NF4()), params, jax.random.key(0))
-    adapter = _randomize(adapter)
+    adapter = randomize(adapter, scale=0.1)
     full = lj.merge(frozen, adapter)["l"]["kernel"]
     requant = lj.merge(frozen, adapter, requantize=True)["l"]["kernel"]
     assert isinstance(requant, NF4Array)

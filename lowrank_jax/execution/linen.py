@@ -20,6 +20,7 @@ Custom layers join the factored path through ``custom_layers={MyLayer: LayerSpec
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 import zlib
 from collections.abc import Mapping
@@ -248,10 +249,7 @@ def _colocate(base: Any, nodes: list[tuple[str, AdapterParams]], dropout_key: An
         if dropout_key is not None and node.method.dropout > 0:
             stack = node.layout.stack_shape(node.shape)
             k = jax.random.fold_in(dropout_key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-            n = 1
-            for s in stack:
-                n *= s
-            keys = jax.random.split(k, n) if stack else k
+            keys = jax.random.split(k, math.prod(stack)) if stack else k
             kd = jax.random.key_data(keys)
             d[kname + SEP + DROPOUT_KEY] = kd.reshape(*stack, *kd.shape[1:]) if stack else kd
     return out

@@ -401,6 +401,14 @@ def load(path: str | os.PathLike, params: Any, *, name_map: NameMap | None = Non
     return frozen, adapter
 
 
+def _target_geometry(p: str, leaf: Any, layouts: Any) -> tuple[tuple[int, ...], Layout, tuple[int, ...], int, int]:
+    """``(shape, layout, stack, n_in, n_out)`` of the kernel at ``p`` as the adapter sees it."""
+    shape = tuple(leaf.shape)
+    layout = resolve_layout(p, shape, layouts)
+    n_in, n_out = layout.matrix_shape(shape)
+    return shape, layout, layout.stack_shape(shape), n_in, n_out
+
+
 def _layer_arrays(p: str, entries: dict, n: int, wpath: Path) -> list[tuple[str, dict]]:
     missing = [i for i in range(n) if i not in entries]
     if missing:
@@ -427,10 +435,7 @@ def _load_lora(config, cname, wpath, grouped, leaf_of, layouts) -> list[tuple[st
     specs = []  # (path, layout, shape, dtype, rank, alpha, a, b, m)
     for p, entries in grouped.items():
         leaf = leaf_of[p]
-        shape = tuple(leaf.shape)
-        layout = resolve_layout(p, shape, layouts)
-        stack = layout.stack_shape(shape)
-        n_in, n_out = layout.matrix_shape(shape)
+        shape, layout, stack, n_in, n_out = _target_geometry(p, leaf, layouts)
         layers = _layer_arrays(p, entries, math.prod(stack), wpath)
         a_l, b_l, m_l, ranks, alphas = [], [], [], set(), set()
         for module, arrays in layers:
@@ -488,10 +493,7 @@ def _load_vera(config, cname, wpath, grouped, leaf_of, layouts, shared, params):
     max_in = max_out = 0
     for p, entries in grouped.items():
         leaf = leaf_of[p]
-        shape = tuple(leaf.shape)
-        layout = resolve_layout(p, shape, layouts)
-        stack = layout.stack_shape(shape)
-        n_in, n_out = layout.matrix_shape(shape)
+        shape, layout, stack, n_in, n_out = _target_geometry(p, leaf, layouts)
         max_in, max_out = max(max_in, n_in), max(max_out, n_out)
         ds, bs = [], []
         for module, arrays in _layer_arrays(p, entries, math.prod(stack), wpath):
