@@ -1,5 +1,6 @@
 """lowrank_jax: low-rank adapters (LoRA, DoRA, VeRA, QLoRA/QDoRA) for JAX/Flax as pure pytree transforms.
 
+    base = lowrank_jax.quantize(params, lowrank_jax.NF4())   # optional: a 4-bit frozen base (QLoRA)
     frozen, adapter = lowrank_jax.init(lowrank_jax.LoRA(rank=8, targets=r".*/(query|value)/kernel"), params, key)
     params_eff = lowrank_jax.merge(frozen, adapter)       # == params at init, bitwise
     y = lowrank_jax.apply(model, {"params": frozen}, adapter, x)   # factored: never forms W0 + ΔW
@@ -13,6 +14,7 @@ from lowrank_jax.layout import Layout
 from lowrank_jax.methods import DoRA, LoRA, VeRA, vera_projections
 from lowrank_jax.quant import nf4
 from lowrank_jax.quant.config import NF4
+from lowrank_jax.quant.kernels import quantize
 from lowrank_jax.tree import SHARED_KEY, base_params, count_params, expected_count, init, merge
 
 __version__ = "0.1.0"
@@ -40,5 +42,6 @@ __all__ = [
     "init",
     "merge",
     "nf4",
+    "quantize",
     "vera_projections",
 ]

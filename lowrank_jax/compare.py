@@ -12,8 +12,9 @@ method     what is trained
 ``lora``   ``LoRA(rank=r, alpha=2r)`` on the attention query/value kernels + the head
 ``dora``   ``DoRA(rank=r, alpha=2r)`` on the same kernels + the head
 ``vera``   ``VeRA(rank=256)`` on the same kernels + the head
-``qlora``  ``lora`` with the adapted kernels stored as NF4 (``NF4(block_size=64, double_quant=True)``)
-``qdora``  ``dora`` with the adapted kernels stored as NF4
+``qlora``  ``lora`` over a fully quantized encoder: every dense kernel NF4
+           (``NF4(block_size=64, double_quant=True)``), embeddings and norms bfloat16 (QLoRA's base)
+``qdora``  ``dora`` over the same fully quantized encoder
 =========  ==================================================================================
 
 The classification head (``classifier/kernel``, ``classifier/bias``) is trainable in every method
@@ -229,20 +230,28 @@ def build_method(name: str, cfg: CompareConfig) -> Any:
     import lowrank_jax as lj
 
     targets = TARGETS[cfg.model][cfg.targets]
-    nf4 = lj.NF4(block_size=64, double_quant=True)
     if name in ("full", "probe", "zeroshot"):
         return None
-    if name == "lora":
+    if name in ("lora", "qlora"):
         return lj.LoRA(rank=cfg.rank, alpha=cfg.lora_alpha, targets=targets)
-    if name == "dora":
+    if name in ("dora", "qdora"):
         return lj.DoRA(rank=cfg.rank, alpha=cfg.lora_alpha, targets=targets)
     if name == "vera":
         return lj.VeRA(rank=cfg.vera_rank, targets=targets, seed=cfg.seed)
-    if name == "qlora":
-        return lj.LoRA(rank=cfg.rank, alpha=cfg.lora_alpha, targets=targets, quant=nf4)
-    if name == "qdora":
-        return lj.DoRA(rank=cfg.rank, alpha=cfg.lora_alpha, targets=targets, quant=nf4)
     raise ValueError(f"unknown method {name!r}")
+
+
+QUANTIZED_BASE = ("qlora", "qdora")
+
+
+def frozen_base(name: str, params: Mapping[str, Any]) -> Any:
+    """The frozen base a method adapts: for ``qlora``/``qdora`` every dense kernel NF4 (block 64, double
+    quantization) and every other floating leaf bfloat16, as bitsandbytes' ``load_in_4bit`` + QLoRA."""
+    import lowrank_jax as lj
+
+    if name in QUANTIZED_BASE:
+        return lj.quantize(params, lj.NF4(block_size=64, double_quant=True), rest_dtype="bfloat16")
+    return params
 
 
 def split_trainable(name: str, params: Mapping[str, Any], cfg: CompareConfig, head_keys: Sequence[str],
@@ -269,7 +278,7 @@ def split_trainable(name: str, params: Mapping[str, Any], cfg: CompareConfig, he
     method = build_method(name, cfg)
     if method is None:                                   # probe / zeroshot
         return rest, {"adapter": {}, "params": head}
-    frozen, adapter = lj.init(method, rest, jax.random.key(cfg.seed))
+    frozen, adapter = lj.init(method, frozen_base(name, rest), jax.random.key(cfg.seed))
     return dict(frozen), {"adapter": adapter, "params": head}
 
 

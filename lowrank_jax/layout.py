@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
 
@@ -111,3 +111,24 @@ class Layout:
 
 
 DEFAULT_LAYOUT = Layout()
+
+
+def resolve_layout(path: str, shape: tuple[int, ...], layouts: Mapping[str, Layout] | None) -> Layout:
+    """The layout of the kernel at ``path``: exact key, then first regex key, then the 2-D default.
+
+    Raises ``ValueError`` naming ``path`` for a kernel of 3+ axes without a layout (never guessed)
+    or one whose rank does not fit the layout given.
+    """
+    from lowrank_jax.paths import lookup
+
+    layout = lookup(layouts, path)
+    if layout is not None:
+        layout.check(shape, path)
+        return layout
+    if len(shape) == 2:
+        return DEFAULT_LAYOUT
+    raise ValueError(
+        f"{path}: kernel of shape {tuple(shape)} has {len(shape)} axes, so which are stacked layers, inputs "
+        f"and outputs is ambiguous. Pass layouts={{{path!r}: lowrank_jax.Layout(in_axes=..., "
+        f"out_axes=..., stack=...)}} or layouts=lowrank_jax.discover(model, variables, *example_args)."
+    )

@@ -1,7 +1,9 @@
 """Partition specs for adapters, derived from those of the kernels they adapt.
 
 An adapter array is sharded like the part of the kernel it stands for, with the rank axis replicated
-(the rule used by Qwix/MaxText):
+(the rule used by Qwix/MaxText). The rule is derived from each method's array declaration
+(:class:`~lowrank_jax.methods.base.ArraySpec`): an ``in`` axis takes the kernel's input-axes spec, an
+``out`` axis its output-axes spec, a ``rank`` axis none:
 
     kernel  (*stack, *in_axes, *out_axes)  spec  P(*S, *I, *O)
     a        (*stack, in, r)                       P(*S, I', None)
@@ -25,7 +27,8 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lowrank_jax.adapter import AdapterParams, is_adapter
-from lowrank_jax.tree import flatten_with_paths
+from lowrank_jax.methods.base import IN, OUT, RANK
+from lowrank_jax.paths import flatten_with_paths
 
 __all__ = ["adapter_specs", "named"]
 
@@ -52,18 +55,12 @@ def _node_specs(node: AdapterParams, spec: PartitionSpec, path: str) -> AdapterP
     per_layer = entries[lay.stack:]
     in_spec = _flat_axes(tuple(per_layer[a] for a in lay.in_axes))
     out_spec = _flat_axes(tuple(per_layer[a] for a in lay.out_axes))
-    rules = {
-        "a": PartitionSpec(*stack, in_spec, None),
-        "b": PartitionSpec(*stack, None, out_spec),
-        "m": PartitionSpec(*stack, out_spec),
-        "lambda_b": PartitionSpec(*stack, out_spec),
-        "lambda_d": PartitionSpec(*stack, None),
-    }
-    unknown = set(node.params) - set(rules)
+    axis_spec = {IN: in_spec, OUT: out_spec, RANK: None}
+    declared = node.method.arrays
+    unknown = set(node.params) - set(declared)
     if unknown:
-        raise ValueError(f"{path}: no sharding rule for adapter arrays {sorted(unknown)}")
-    return AdapterParams({k: rules[k] for k in node.params}, node.method, node.layout, node.shape, node.dtype,
-                         node.shared)
+        raise ValueError(f"{path}: adapter arrays {sorted(unknown)} are not declared by {type(node.method).__name__}")
+    return node.replace(**{k: PartitionSpec(*stack, *(axis_spec[a] for a in declared[k].axes)) for k in node.params})
 
 
 def adapter_specs(adapter: Any, param_specs: Any) -> Any:

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lowrank_jax.tree import merge
+from lowrank_jax.adapter import AdapterParams, is_adapter
+from lowrank_jax.tree import adapter_nodes, merge
 
 Array = jax.Array
 
@@ -52,19 +53,22 @@ def masked(tx: optax.GradientTransformation, trainable_key: str = "adapter") -> 
 
 
 def _loraplus_labels(adapter: Any) -> Any:
-    def node_labels(path, leaf):
-        name = getattr(path[-1], "name", None) if path else None
-        return "fast" if name == "b" or jnp.ndim(leaf) == 1 or (name or "").startswith("lambda") else "slow"
+    def node_labels(node):
+        if not isinstance(node, AdapterParams):
+            raise TypeError(f"loraplus: expected an adapter tree of AdapterParams nodes, found a {type(node).__name__}")
+        declared = node.method.arrays
+        return node.replace(**{k: "fast" if declared[k].lr_fast else "slow" for k in node.params})
 
-    return jax.tree_util.tree_map_with_path(node_labels, adapter)
+    return jax.tree_util.tree_map(node_labels, adapter, is_leaf=is_adapter)
 
 
 def loraplus(optimizer: Callable[..., optax.GradientTransformation], learning_rate: float | optax.Schedule,
              ratio: float = 16.0, **optimizer_kwargs) -> optax.GradientTransformation:
     """LoRA+: ``optimizer(learning_rate)`` for ``A``, ``optimizer(ratio · learning_rate)`` for ``B``.
 
-    ``B`` factors and 1-D vectors (DoRA's ``m``, VeRA's ``λ``) form the fast group, as in PEFT's
-    ``create_loraplus_optimizer``; everything else (``A``) the slow one.
+    Arrays without an ``in`` axis in their method's declaration — ``B`` factors and the 1-D vectors
+    (DoRA's ``m``, VeRA's ``λ``) — form the fast group, as in PEFT's ``create_loraplus_optimizer``;
+    everything else (``A``) the slow one.
 
     Example:
       >>> tx = lowrank_jax.train.loraplus(optax.adamw, 2e-4, ratio=16.0, weight_decay=0.0)
@@ -86,9 +90,42 @@ class TrainStep(NamedTuple):
     loss: Callable
 
 
+class _DonatingStep:
+    """The jitted step, called through a check that no argument buffer was consumed by an earlier call."""
+
+    def __init__(self, jitted: Callable, donate: bool):
+        self.jitted = jitted
+        self.donate = donate
+
+    def lower(self, *args, **kwargs):
+        return self.jitted.lower(*args, **kwargs)
+
+    def __call__(self, adapter, opt_state, *args, **kwargs):
+        if self.donate:
+            for name, tree in (("adapter", adapter), ("opt_state", opt_state)):
+                for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+                    if isinstance(leaf, jax.Array) and leaf.is_deleted():
+                        raise RuntimeError(
+                            f"train step: {name}{jax.tree_util.keystr(p)} was donated to an earlier call of this "
+                            "step and its buffer is gone: the step donates the adapter and optimizer state "
+                            "(make_train_step(..., donate=True)). Use the adapter and state the step returned, "
+                            "copy them first (jax.tree.map(jnp.copy, adapter)), or build the step with donate=False.")
+        return self.jitted(adapter, opt_state, *args, **kwargs)
+
+
+def _check_dropout_merged(adapter: Any, key: Any) -> None:
+    if key is None:
+        return
+    dropped = [p for p, n in adapter_nodes(adapter) if n.method.dropout > 0]
+    if dropped:
+        raise ValueError(
+            f"train step: factored=False merges the weights, so the adapter-input dropout of {dropped[:4]} "
+            "cannot be applied; use factored=True (the default) or methods with dropout=0.0")
+
+
 def make_train_step(model: Any, loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                     factored: bool = True, donate: bool = True, custom_layers: Any = None,
-                    adapter_dtype: Any = None) -> TrainStep:
+                    adapter_dtype: Any = None, nan_guard: bool = False) -> TrainStep:
     """Build a jitted train step that updates only the adapter.
 
     Args:
@@ -97,8 +134,13 @@ def make_train_step(model: Any, loss_fn: Callable, optimizer: optax.GradientTran
         adapters (``run(batch["x"])``; pass ``rngs=`` etc. through it).
       optimizer: an optax transformation; its state covers the adapter only.
       factored: run adapters inside the layers (:func:`lowrank_jax.apply`; default) or merge the
-        weights first (``False``: costs as much as full fine-tuning, kept for comparison).
-      donate: donate the adapter and optimizer-state buffers to the step.
+        weights first (``False``: costs as much as full fine-tuning, kept for comparison; adapter
+        dropout cannot be expressed there and is an error when a key is passed).
+      donate: donate the adapter and optimizer-state buffers to the step (reusing a donated input
+        raises an error that says so).
+      nan_guard: wrap ``optimizer`` in ``optax.apply_if_finite``: a step whose gradients hold NaN/inf
+        leaves the adapter and optimizer state unchanged (the loss is still returned);
+        :func:`skipped_steps` reads how many steps were skipped from the optimizer state.
 
     Returns:
       ``TrainStep(step, init, loss)``: ``init(adapter) -> opt_state``;
@@ -107,12 +149,17 @@ def make_train_step(model: Any, loss_fn: Callable, optimizer: optax.GradientTran
     """
     from lowrank_jax.execution.linen import apply
 
+    if nan_guard:
+        optimizer = optax.apply_if_finite(optimizer, max_consecutive_errors=2**31 - 1)
+
     def loss(adapter, frozen, batch, key=None):
         if factored:
             def run(*args, **kwargs):
                 return apply(model, {"params": frozen}, adapter, *args, dropout_key=key,
                              custom_layers=custom_layers, adapter_dtype=adapter_dtype, **kwargs)
         else:
+            _check_dropout_merged(adapter, key)
+
             def run(*args, **kwargs):
                 return model.apply({"params": merge(frozen, adapter)}, *args, **kwargs)
         return loss_fn(run, batch)
@@ -123,5 +170,13 @@ def make_train_step(model: Any, loss_fn: Callable, optimizer: optax.GradientTran
         return optax.apply_updates(adapter, updates), opt_state, value
 
     jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
-    return TrainStep(jitted, optimizer.init, loss)
+    return TrainStep(_DonatingStep(jitted, donate), optimizer.init, loss)
 
+
+def skipped_steps(opt_state: Any) -> int:
+    """Steps skipped for non-finite gradients by a ``nan_guard=True`` step (``optax.apply_if_finite``)."""
+    for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ApplyIfFiniteState)):
+        if isinstance(s, optax.ApplyIfFiniteState):
+            return int(s.total_notfinite)
+    raise ValueError("skipped_steps: this optimizer state has no apply_if_finite state; build the step with "
+                     "make_train_step(..., nan_guard=True)")

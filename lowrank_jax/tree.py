@@ -6,12 +6,14 @@ Paths are the ``/``-joined keys of a leaf (``encoder/layer_0/attention/query/ker
 is ``vmap``ped over the stack, always in float32, and results are cast back to the kernel's dtype.
 
 The frozen tree has exactly the structure of ``params`` (kernels possibly replaced by a PiSSA residual
-or an :class:`~lowrank_jax.quant.nf4.NF4Array`), plus, when VeRA is used, one extra top-level entry
-``SHARED_KEY`` holding the shared frozen projections. :func:`base_params` strips it.
+or an :class:`~lowrank_jax.quant.nf4.NF4Array`), plus, when a method has shared frozen arrays (VeRA)
+or per-kernel caches (DoRA's ``‖W0_j‖²``), one extra top-level entry ``SHARED_KEY``.
+:func:`base_params` strips it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,42 +23,33 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax.adapter import AdapterParams, is_adapter
-from lowrank_jax.layout import DEFAULT_LAYOUT, Layout
+from lowrank_jax.layout import DEFAULT_LAYOUT, Layout, resolve_layout
 from lowrank_jax.methods.base import count_matrix_params, matches
+from lowrank_jax.paths import example_paths, flatten_with_paths, key_name, key_value, path_str
+from lowrank_jax.quant.kernels import (
+    is_quantized,
+    kernel_of,
+    kernel_shape_of,
+    layout_of,
+    matrix_of,
+    quantize_selected,
+    requantize_like,
+)
+
+__all__ = ["SHARED_KEY", "BASE_SQ_NORMS", "init", "merge", "base_params", "count_params", "expected_count",
+           "adapter_nodes", "check_fit", "frozen_matrix", "frozen_caches", "merge_leaf", "path_str",
+           "flatten_with_paths", "resolve_layout", "key_name"]
 
 SHARED_KEY = "__lowrank_shared__"
-# frozen[SHARED_KEY][BASE_SQ_NORMS][path]: DoRA's ‖W0_j‖² per output unit, (*stack, out), cached at init
-# because W0 is frozen; the factored path then reads W0 once per step (for W0ᵀA) instead of twice.
+# frozen[SHARED_KEY][BASE_SQ_NORMS][path]: a method's per-kernel frozen cache (DoRA's ‖W0_j‖² per output
+# unit, (*stack, out)), computed at init because W0 is frozen. The name is kept for files and trees
+# written by earlier versions.
 BASE_SQ_NORMS = "dora_base_sq_norms"
 
 Array = jax.Array
 LayoutSpec = Mapping[str, Layout] | None
 
-
-# ----------------------------------------------------------------------------------------- paths
-
-def key_name(k: Any) -> str:
-    """One path element as a string (dict key, attribute name or sequence index)."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """``/``-joined path of a ``jax.tree_util`` key path."""
-    return "/".join(key_name(k) for k in path)
-
-
-def _is_frozen_leaf(x: Any) -> bool:
-    """``True`` for frozen leaves that are pytrees themselves (NF4-quantized kernels)."""
-    return type(x).__name__ == "NF4Array" and hasattr(x, "packed")
-
-
-def flatten_with_paths(tree: Any, is_leaf=None) -> tuple[list[tuple[str, Any]], Any]:
-    """``([(path, leaf), ...], treedef)`` with string paths."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    return [(path_str(p), v) for p, v in leaves], treedef
+_is_frozen_leaf = is_quantized  # kept for modules that predate lowrank_jax.quant.kernels.is_quantized
 
 
 def base_params(frozen: Any) -> Any:
@@ -66,53 +59,23 @@ def base_params(frozen: Any) -> Any:
     return frozen
 
 
-def _shared_of(frozen: Any) -> Mapping:
+def shared_of(frozen: Any) -> Mapping:
+    """The ``SHARED_KEY`` entry of a frozen tree (``{}`` when absent)."""
     if isinstance(frozen, Mapping) and SHARED_KEY in frozen:
         return frozen[SHARED_KEY]
     return {}
 
 
-def _set_path(tree: dict, keys: Sequence[str], value: Any) -> None:
+def frozen_caches(frozen: Any) -> Mapping[str, Array]:
+    """``{path: cached array}`` of the per-kernel frozen caches (DoRA's ``‖W0_j‖²``)."""
+    return shared_of(frozen).get(BASE_SQ_NORMS, {})
+
+
+def _set_path(tree: dict, keys: Sequence[Any], value: Any) -> None:
     node = tree
     for k in keys[:-1]:
         node = node.setdefault(k, {})
     node[keys[-1]] = value
-
-
-def _path_keys(path: Sequence[Any]) -> list[Any]:
-    out = []
-    for k in path:
-        if hasattr(k, "key"):
-            out.append(k.key)
-        elif hasattr(k, "name"):
-            out.append(k.name)
-        elif hasattr(k, "idx"):
-            out.append(k.idx)
-        else:
-            out.append(str(k))
-    return out
-
-
-# ------------------------------------------------------------------------------------- layouts
-
-def resolve_layout(path: str, shape: tuple[int, ...], layouts: LayoutSpec) -> Layout:
-    """The layout of the kernel at ``path``: exact key, then first regex key, then 2-D default."""
-    if layouts:
-        if path in layouts:
-            layout = layouts[path]
-        else:
-            import re
-            layout = next((v for k, v in layouts.items() if re.fullmatch(k, path)), None)
-        if layout is not None:
-            layout.check(shape, path)
-            return layout
-    if len(shape) == 2:
-        return DEFAULT_LAYOUT
-    raise ValueError(
-        f"{path}: kernel of shape {shape} has {len(shape)} axes, so which are stacked layers, inputs "
-        f"and outputs is ambiguous. Pass layouts={{{path!r}: lowrank_jax.Layout(in_axes=..., "
-        f"out_axes=..., stack=...)}} or layouts=lowrank_jax.discover(model, variables, *example_args)."
-    )
 
 
 # --------------------------------------------------------------------------------------- init
@@ -130,7 +93,7 @@ def _methods_tuple(method: Any) -> tuple[Any, ...]:
     return methods
 
 
-def _stack_apply(fn, stack_shape: tuple[int, ...], *args, in_axes):
+def stack_apply(fn, stack_shape: tuple[int, ...], *args, in_axes):
     """``vmap`` ``fn`` over the flattened ``stack_shape`` leading axes of the mapped args."""
     if not stack_shape:
         return fn(*args)
@@ -140,43 +103,68 @@ def _stack_apply(fn, stack_shape: tuple[int, ...], *args, in_axes):
     return jax.tree_util.tree_map(lambda o: o.reshape(*stack_shape, *o.shape[1:]), out)
 
 
-def _quantizes(method: Any, path: str) -> bool:
-    q = getattr(method, "quant", None)
-    return q is not None and (q.targets is None or matches(q.targets, path))
+def _apply_quant_shorthand(methods: tuple[Any, ...], params: Any, layouts: LayoutSpec) -> Any:
+    """``LoRA(..., quant=NF4(...))``: quantize the method's targets (∩ ``NF4.targets``) first."""
+    from lowrank_jax.quant.config import NF4
+
+    for m in methods:
+        q = getattr(m, "quant", None)
+        if q is None:
+            continue
+        select = (lambda p, m=m, q=q: matches(m.targets, p) and (q.targets is None or matches(q.targets, p)))
+        params = quantize_selected(params, NF4(q.block_size, q.double_quant, None, q.compute_dtype),
+                                   layouts=layouts, rest_dtype=None, select=select,
+                                   what=f"{type(m).__name__} targets ∩ NF4 targets")
+    return params
 
 
-def _example_paths(paths: Sequence[str], k: int = 12) -> str:
-    shown = list(paths[:k])
-    more = f" … ({len(paths) - k} more)" if len(paths) > k else ""
-    return ", ".join(shown) + more
+def _check_finite(path: str, w: Array) -> None:
+    if isinstance(w, jax.core.Tracer):
+        return
+    bad = int(jnp.sum(~jnp.isfinite(w)))
+    if bad:
+        raise ValueError(f"init: {path}: the kernel contains {bad} non-finite value(s) (NaN/inf); "
+                         "an adapter fit to it would be NaN from the first step")
 
 
 def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) -> tuple[Any, Any]:
     """Split ``params`` into ``(frozen, adapter)`` for ``method`` (or a sequence of methods).
 
     Args:
-      method: a method value (``LoRA``, ``DoRA``, ``VeRA``) or a sequence of them with disjoint targets.
-      params: the model's params pytree (nested dicts; a linen ``params`` collection, NNX state).
+      method: a method value (``LoRA``, ``DoRA``, ``VeRA``, ``DVoRA``) or a sequence of them with
+        disjoint targets.
+      params: the model's params pytree (nested dicts; a linen ``params`` collection, NNX state),
+        possibly with NF4 kernels from :func:`lowrank_jax.quantize` — any kernel, quantized or not,
+        can be adapted (the adapter is fit to the stored, dequantized base).
       key: a ``jax.random`` key; each target's init uses ``fold_in(key, crc32(path))``, so adding a
         target does not change the others.
       layouts: ``{path or regex: Layout}`` for kernels that are not plain ``(in, out)`` matrices
-        (multi-axis, ``nn.scan``-stacked); e.g. the result of :func:`lowrank_jax.discover`.
+        (multi-axis, ``nn.scan``-stacked); e.g. the result of :func:`lowrank_jax.discover`. A
+        quantized kernel carries its own layout.
 
     Returns:
-      ``frozen``: ``params`` with targeted kernels replaced where the method says so (PiSSA residual,
-      NF4), plus the shared frozen VeRA projections under ``SHARED_KEY``; never trained.
+      ``frozen``: ``params`` with targeted kernels replaced where the method says so (PiSSA residual;
+      NF4 with the ``quant=`` shorthand), plus shared frozen arrays and caches under ``SHARED_KEY``;
+      never trained.
       ``adapter``: nested dicts over the targeted paths, one :class:`~lowrank_jax.AdapterParams` per
       kernel, holding only trainable float32 arrays.
 
     Example:
-      >>> frozen, adapter = lowrank_jax.init(LoRA(rank=8, targets=r".*/(query|value)/kernel"), params, key)
-      >>> merged = lowrank_jax.merge(frozen, adapter)   # == params, bitwise, at init
+      >>> import jax, jax.numpy as jnp, lowrank_jax as lj
+      >>> params = {"q": {"kernel": jnp.ones((16, 8))}, "v": {"kernel": jnp.ones((16, 8))}}
+      >>> frozen, adapter = lj.init(lj.LoRA(rank=2, targets=r"q/kernel"), params, jax.random.key(0))
+      >>> adapter["q"]["kernel"]["a"].shape, adapter["q"]["kernel"]["b"].shape
+      ((16, 2), (2, 8))
+      >>> bool((lj.merge(frozen, adapter)["q"]["kernel"] == params["q"]["kernel"]).all())
+      True
     """
     methods = _methods_tuple(method)
     if isinstance(params, Mapping) and SHARED_KEY in params:
         raise ValueError(f"init: params already contain {SHARED_KEY!r}: pass the original params, not a frozen tree")
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = [path_str(p) for p, _ in leaves]
+    params = _apply_quant_shorthand(methods, params, layouts)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
+    named, _ = flatten_with_paths(params, is_leaf=is_quantized)
+    paths = [p for p, _ in named]
 
     # Which method adapts which leaf.
     owner: dict[int, int] = {}
@@ -185,37 +173,44 @@ def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) ->
         if not hits:
             kernels = [p for p in paths if p.rsplit("/", 1)[-1] in ("kernel", "weight", "embedding")] or paths
             raise ValueError(
-                f"{type(m).__name__} targets {list(m.targets)} match no parameter path. "
-                f"Paths that exist include: {_example_paths(kernels)}"
+                f"init: {type(m).__name__} targets {list(m.targets)} match no parameter path. "
+                f"Paths that exist include: {example_paths(kernels)}"
             )
         for i in hits:
             if i in owner:
                 raise ValueError(
-                    f"{paths[i]} is targeted by two methods: {methods[owner[i]]!r} and {m!r}; "
+                    f"init: {paths[i]} is targeted by two methods: {methods[owner[i]]!r} and {m!r}; "
                     "targets of several methods must be disjoint"
                 )
             owner[i] = mi
 
     # Validate every target and collect its matrix shape.
-    info: dict[int, tuple[Layout, int, int]] = {}
+    info: dict[int, tuple[Layout, tuple[int, ...], str, int, int]] = {}
     for i, mi in owner.items():
         path, leaf = paths[i], leaves[i][1]
-        dtype = getattr(leaf, "dtype", None)
-        if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or getattr(leaf, "ndim", 0) < 2:
-            raise ValueError(
-                f"{path}: targeted leaf must be a floating-point array with at least 2 dims, got "
-                f"{type(leaf).__name__} dtype={dtype} shape={getattr(leaf, 'shape', None)}"
-            )
-        layout = resolve_layout(path, tuple(leaf.shape), layouts)
-        n_in, n_out = layout.matrix_shape(leaf.shape)
+        if is_quantized(leaf):
+            layout, shape, dtype = layout_of(leaf), kernel_shape_of(leaf), leaf.dtype
+            given = resolve_layout(path, shape, layouts) if layouts else None
+            if given is not None and len(shape) > 2 and given != layout:
+                raise ValueError(f"init: {path}: layouts gives {given} but the kernel was quantized with {layout}")
+        else:
+            dtype = getattr(leaf, "dtype", None)
+            if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or getattr(leaf, "ndim", 0) < 2:
+                raise ValueError(
+                    f"init: {path}: targeted leaf must be a floating-point array with at least 2 dims, got "
+                    f"{type(leaf).__name__} dtype={dtype} shape={getattr(leaf, 'shape', None)}"
+                )
+            shape = tuple(leaf.shape)
+            layout = resolve_layout(path, shape, layouts)
+        n_in, n_out = layout.matrix_shape(shape)
         methods[mi].check_shape(path, n_in, n_out)
-        info[i] = (layout, n_in, n_out)
+        info[i] = (layout, shape, str(np.dtype(dtype)), n_in, n_out)
 
     # Shared frozen arrays (VeRA): sized to the element-wise max over the method's matrices.
     shared: dict[str, Any] = {}
     shared_name: dict[int, str | None] = {}
     for mi, m in enumerate(methods):
-        dims = [(info[i][1], info[i][2]) for i, o in owner.items() if o == mi]
+        dims = [(info[i][3], info[i][4]) for i, o in owner.items() if o == mi]
         arrays = m.make_shared(max(d[0] for d in dims), max(d[1] for d in dims))
         shared_name[mi] = None
         if arrays is not None:
@@ -225,95 +220,112 @@ def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) ->
 
     new_leaves = [v for _, v in leaves]
     adapter: dict = {}
-    norm_cache: dict[str, Array] = {}
+    caches: dict[str, Array] = {}
     for i, mi in sorted(owner.items()):
         m = methods[mi]
         path, leaf = paths[i], leaves[i][1]
-        layout, n_in, n_out = info[i]
-        stack = layout.stack_shape(leaf.shape)
-        w = layout.to_matrix(jnp.asarray(leaf)).astype(jnp.float32)
-        quantized = _quantizes(m, path)
-        if quantized:
-            try:
-                q = _quantize_matrix(w, m.quant, len(stack), leaf.dtype)
-            except (ValueError, TypeError) as e:
-                raise type(e)(f"{path}: cannot NF4-quantize this kernel: {e}") from None
-            w = _dequantize_matrix(q)                         # the adapter is fit to the stored base
-        n_layers = int(np.prod(stack)) if stack else 1
+        layout, shape, dtype, _, _ = info[i]
+        stack = layout.stack_shape(shape)
+        w = matrix_of(leaf) if is_quantized(leaf) else layout.to_matrix(jnp.asarray(leaf)).astype(jnp.float32)
+        _check_finite(path, w)
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         if stack:
-            keys = jax.random.split(leaf_key, n_layers)
+            keys = jax.random.split(leaf_key, int(np.prod(stack)))
             keys = keys.reshape(*stack, *keys.shape[1:])
         else:
             keys = leaf_key
         sh = shared.get(shared_name[mi])
-        arrays, w_new = _stack_apply(
-            lambda k, wm: m.init_matrix(k, wm, sh), stack, keys, w, in_axes=(0, 0)
-        )
-        if w_new is not None:
-            w = w_new
-            new_leaves[i] = layout.from_matrix(w, leaf.shape).astype(leaf.dtype)
-        if quantized:
-            new_leaves[i] = _quantize_matrix(w, m.quant, len(stack), leaf.dtype)
-        node = AdapterParams(arrays, m, layout, tuple(leaf.shape), str(leaf.dtype), shared_name[mi])
-        _set_path(adapter, _path_keys(leaves[i][0]), node)
-        if getattr(m, "caches_base_norm", False) and isinstance(params, Mapping):
-            norm_cache[path] = jnp.sum(jnp.square(frozen_matrix(new_leaves[i], node)), axis=-2)
+        arrays, w_new = stack_apply(lambda k, wm: m.init_matrix(k, wm, sh), stack, keys, w, in_axes=(0, 0))
+        if w_new is not None:                         # PiSSA: the residual base (re-quantized if NF4)
+            kernel = layout.from_matrix(w_new, shape)
+            new_leaves[i] = requantize_like(kernel, leaf) if is_quantized(leaf) else kernel.astype(dtype)
+        node = AdapterParams(arrays, m, layout, shape, dtype, shared_name[mi])
+        _set_path(adapter, [key_value(k) for k in leaves[i][0]], node)
+        w_frozen = w if w_new is None else frozen_matrix(new_leaves[i], node)
+        cache = stack_apply(m.frozen_cache, stack, w_frozen, in_axes=(0,))
+        if cache is not None:
+            caches[path] = cache
 
     frozen = jax.tree_util.tree_unflatten(treedef, new_leaves)
-    if norm_cache:
-        shared[BASE_SQ_NORMS] = norm_cache
+    if caches and isinstance(frozen, Mapping):        # else the step recomputes them
+        shared[BASE_SQ_NORMS] = caches
     if shared:
         if not isinstance(frozen, Mapping):
-            raise TypeError(f"init: VeRA needs params to be a mapping at the top level, got {type(params).__name__}")
-        # (a DoRA norm cache is only made for mapping params, so this is VeRA's case)
+            raise TypeError(f"init: {sorted(shared)} need params to be a mapping at the top level, "
+                            f"got {type(params).__name__}")
         frozen = {**frozen, SHARED_KEY: shared}
     return frozen, adapter
-
-
-def _quantize_matrix(w: Array, quant: Any, batch_dims: int, dtype: Any) -> Any:
-    """NF4 of the transposed ``(*stack, out, in)`` matrix (torch layout), per layer."""
-    from lowrank_jax.quant import nf4
-    return nf4.quantize(jnp.swapaxes(w, -1, -2).astype(dtype), block_size=quant.block_size,
-                        double_quant=quant.double_quant, batch_dims=batch_dims)
-
-
-def _dequantize_matrix(q: Any, dtype: Any = jnp.float32) -> Array:
-    """``(*stack, in, out)`` matrix from an NF4 store of its transpose."""
-    from lowrank_jax.quant import nf4
-    return jnp.swapaxes(nf4.dequantize(q, dtype), -1, -2)
 
 
 # -------------------------------------------------------------------------------------- merge
 
 def frozen_matrix(leaf: Any, node: AdapterParams) -> Array:
     """The frozen kernel of ``node`` as a float32 ``(*stack, in, out)`` matrix (dequantized if NF4)."""
-    if _is_frozen_leaf(leaf):
-        return _dequantize_matrix(leaf)
+    if is_quantized(leaf):
+        return matrix_of(leaf)
     return node.layout.to_matrix(jnp.asarray(leaf)).astype(jnp.float32)
 
 
-def _check_fit(path: str, leaf: Any, node: AdapterParams) -> None:
-    if _is_frozen_leaf(leaf):
-        stack = node.layout.stack_shape(node.shape)
-        n_in, n_out = node.layout.matrix_shape(node.shape)
-        got = tuple(leaf.batch_shape) + tuple(leaf.shape)
-        want = stack + (n_out, n_in)
-        if got != want:
-            raise ValueError(f"merge: {path}: NF4 frozen kernel holds {got}, the adapter expects {want}")
-        return
-    shape = tuple(getattr(leaf, "shape", ()))
-    if shape != node.shape:
-        raise ValueError(
-            f"merge: {path}: frozen kernel has shape {shape} but the adapter was made for shape {node.shape}"
-        )
+def check_fit(path: str, leaf: Any, node: AdapterParams, shared: Mapping | None = None,
+              where: str = "merge") -> None:
+    """Raise ``ValueError`` (prefixed ``where: path:``) unless ``node`` fits the frozen ``leaf``.
+
+    The one check :func:`merge`, :func:`lowrank_jax.apply` and the NNX path all run: kernel shape
+    (or the NF4 kernel's shape and layout), every adapter array's shape against the method's
+    declaration, floating dtypes, the shared arrays the node reads (VeRA projections) and the
+    per-kernel cache (DoRA's ``‖W0_j‖²``) when ``shared`` is given.
+    """
+    if not isinstance(node, AdapterParams):
+        raise TypeError(f"{where}: {path}: expected an AdapterParams node, got {type(node).__name__}")
+    if is_quantized(leaf):
+        shape, layout = kernel_shape_of(leaf), layout_of(leaf)
+        if shape != node.shape or (layout.in_axes, layout.out_axes, layout.stack) != \
+                (node.layout.in_axes, node.layout.out_axes, node.layout.stack):
+            raise ValueError(f"{where}: {path}: the NF4 frozen kernel stores shape {shape} with {layout}, the "
+                             f"adapter was made for shape {node.shape} with {node.layout}")
+    else:
+        shape = tuple(getattr(leaf, "shape", ()))
+        if shape != node.shape:
+            raise ValueError(
+                f"{where}: {path}: frozen kernel has shape {shape} but the adapter was made for shape {node.shape}"
+            )
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{where}: {path}: frozen kernel must be a floating array, got dtype {dtype}")
     n_in, n_out = node.layout.matrix_shape(node.shape)
     stack = node.layout.stack_shape(node.shape)
     expected = {k: stack + v for k, v in node.method.param_shapes(n_in, n_out).items()}
+    if set(node.params) != set(expected):
+        raise ValueError(f"{where}: {path}: adapter arrays {sorted(node.params)} do not match "
+                         f"{type(node.method).__name__}'s {sorted(expected)}")
     for k, v in node.params.items():
         got = tuple(getattr(v, "shape", ()))
-        if got != expected.get(k):
-            raise ValueError(f"merge: {path}: adapter array {k!r} has shape {got}, expected {expected.get(k)}")
+        if got != expected[k]:
+            raise ValueError(f"{where}: {path}: adapter array {k!r} has shape {got}, expected {expected[k]}")
+        dt = getattr(v, "dtype", None)
+        if dt is None or not jnp.issubdtype(dt, jnp.floating):
+            raise ValueError(f"{where}: {path}: adapter array {k!r} must be floating, got dtype {dt}")
+    if shared is None:
+        return
+    if node.shared:
+        sh = shared.get(node.shared)
+        if sh is None:
+            raise ValueError(f"{where}: {path}: the frozen tree has no shared arrays {node.shared!r} "
+                             f"({type(node.method).__name__}'s projections); pass the frozen tree from init")
+        spec = node.method.shared_arrays
+        for k, s in spec.items():
+            got = tuple(getattr(sh.get(k), "shape", ()))
+            need = s.shape(n_in, n_out, node.method.rank)
+            if len(got) != len(need) or any(g < n for g, n in zip(got, need)) or \
+                    any(s.axes[i] == "rank" and got[i] != need[i] for i in range(len(need))):
+                raise ValueError(f"{where}: {path}: shared array {node.shared}/{k} has shape {got}; "
+                                 f"this kernel needs at least {need} (rank {node.method.rank})")
+    cache = frozen_caches({SHARED_KEY: shared}).get(path)
+    if cache is not None:
+        want = stack + (n_out,)
+        if tuple(cache.shape) != want:
+            raise ValueError(f"{where}: {path}: cached base norms have shape {tuple(cache.shape)}, the kernel "
+                             f"needs {want}; drop frozen[SHARED_KEY][{BASE_SQ_NORMS!r}] after changing W0")
 
 
 def adapter_nodes(adapter: Any) -> list[tuple[str, AdapterParams]]:
@@ -327,17 +339,28 @@ def adapter_nodes(adapter: Any) -> list[tuple[str, AdapterParams]]:
     return out
 
 
+def fitted_nodes(frozen: Any, adapter: Any, where: str) -> tuple[list[tuple[str, AdapterParams]], dict[str, Any]]:
+    """``(nodes, {path: frozen leaf})`` after checking every node fits ``frozen`` (see :func:`check_fit`)."""
+    shared = shared_of(frozen)
+    leaves = dict(flatten_with_paths(base_params(frozen), is_leaf=is_quantized)[0])
+    nodes = adapter_nodes(adapter) if adapter else []
+    for path, node in nodes:
+        if path not in leaves:
+            raise ValueError(f"{where}: adapter path {path!r} is not in the frozen tree. "
+                             f"Frozen paths include: {example_paths(list(leaves))}")
+        check_fit(path, leaves[path], node, shared, where)
+    return nodes, leaves
+
+
 def merge_leaf(leaf: Any, node: AdapterParams, shared: Mapping, path: str = "?") -> Array:
     """Effective kernel ``W'`` for one adapted leaf, in the kernel's original dtype and shape."""
-    _check_fit(path, leaf, node)
+    check_fit(path, leaf, node, shared)
     w = frozen_matrix(leaf, node)
     stack = node.layout.stack_shape(node.shape)
     sh = shared.get(node.shared) if node.shared else None
-    if node.shared and sh is None:
-        raise ValueError(f"merge: {path}: the frozen tree has no shared arrays {node.shared!r} (VeRA projections)")
     arrays = dict(node.params)
     names = list(arrays)
-    merged = _stack_apply(
+    merged = stack_apply(
         lambda wm, *vals: node.method.merge_matrix(wm, dict(zip(names, vals)), sh),
         stack, w, *arrays.values(), in_axes=(0,) * (1 + len(names)),
     )
@@ -348,39 +371,28 @@ def merge(frozen: Any, adapter: Any, *, requantize: bool = False) -> Any:
     """Effective params ``W' = W0 + ΔW`` (LoRA/VeRA) or DoRA's ``m ⊙ V'/‖V'‖`` at every adapted path.
 
     Computed in float32 and cast back to each kernel's dtype; the result has the structure, shapes and
-    dtypes of the original ``params`` (the shared VeRA entry is dropped). At init it equals ``params``
-    bitwise. NF4 kernels come back dequantized (full precision) unless ``requantize=True``, which
-    re-quantizes ``W'`` with the same NF4 settings (new absmax; rounding error as bitsandbytes'
-    4-bit merge).
+    dtypes of the original ``params`` (the ``SHARED_KEY`` entry is dropped). At init it equals
+    ``params`` bitwise. Every NF4 kernel — adapted or not — comes back dequantized in its original
+    shape and dtype, unless ``requantize=True``: then adapted NF4 kernels are re-quantized with their
+    settings (new absmax; rounding error as bitsandbytes' 4-bit merge) and the others stay as stored.
 
     Raises ``ValueError`` naming the path and both shapes when ``adapter`` does not fit ``frozen``.
     """
-    shared = _shared_of(frozen)
-    base = base_params(frozen)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=_is_frozen_leaf)
-    index = {path_str(p): i for i, (p, _) in enumerate(leaves)}
-    new = [v for _, v in leaves]
-    done: set[int] = set()
-    for path, node in adapter_nodes(adapter):
-        if path not in index:
-            raise ValueError(
-                f"merge: adapter path {path!r} is not in the frozen tree. "
-                f"Frozen paths include: {_example_paths(list(index))}"
-            )
-        i = index[path]
-        leaf = new[i]
-        merged = merge_leaf(leaf, node, shared, path)
-        if requantize and _is_frozen_leaf(leaf):
-            from lowrank_jax.quant import nf4
-            stack = node.layout.stack_shape(node.shape)
-            merged = nf4.quantize(jnp.swapaxes(node.layout.to_matrix(merged), -1, -2),
-                                  block_size=leaf.block_size, double_quant=leaf.double_quant,
-                                  batch_dims=len(stack))
-        new[i] = merged
-        done.add(i)
-    for i, v in enumerate(new):
-        if _is_frozen_leaf(v) and i not in done:
-            raise ValueError(f"merge: {path_str(leaves[i][0])} is NF4-quantized but has no adapter")
+    if not isinstance(requantize, bool):
+        raise TypeError(f"merge: requantize must be a bool, got {requantize!r}")
+    shared = shared_of(frozen)
+    nodes, _ = fitted_nodes(frozen, adapter, "merge")
+    merged_at = dict(nodes)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(base_params(frozen), is_leaf=is_quantized)
+    new = []
+    for p, leaf in leaves:
+        path = path_str(p)
+        node = merged_at.get(path)
+        if node is None:
+            new.append(leaf if (requantize or not is_quantized(leaf)) else kernel_of(leaf))
+            continue
+        w = merge_leaf(leaf, node, shared, path)
+        new.append(requantize_like(w, leaf) if requantize and is_quantized(leaf) else w)
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
@@ -392,8 +404,7 @@ def count_params(adapter: Any) -> int:
 
 
 def expected_count(method: Any, shape: Sequence[int], layout: Layout = DEFAULT_LAYOUT) -> int:
-    """Trainable scalars ``method`` adds to a kernel of ``shape`` (its formula, for planning)."""
+    """Trainable scalars ``method`` adds to a kernel of ``shape`` (its declaration, for planning)."""
     n_in, n_out = layout.matrix_shape(shape)
     stack = layout.stack_shape(shape)
-    return int(np.prod(stack)) * count_matrix_params(method, n_in, n_out) if stack else \
-        count_matrix_params(method, n_in, n_out)
+    return int(np.prod(stack, dtype=np.int64)) * count_matrix_params(method, n_in, n_out)

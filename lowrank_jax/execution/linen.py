@@ -3,54 +3,40 @@
 :func:`apply` places each adapter's arrays *beside* the kernel they adapt in the ``params``
 collection (``kernel__lowrank_a`` next to ``kernel``), so ``nn.scan``/``nn.remat``/``nn.vmap`` slice
 and broadcast them exactly like the kernel, then runs ``model.apply`` under ``nn.intercept_methods``.
-For every adapted ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Einsum`` call the handler computes::
+For every ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Einsum`` call whose kernel is adapted or NF4 the
+handler only locates the input, kernel and bias and calls
+:func:`lowrank_jax.execution.factored.layer_output`, which runs the layer's own code (or, for an NF4
+kernel, dequantizes that one kernel inside the layer) and the method's own ``forward``.
 
-    y = layer(x)                                     # the layer's own code: dtype, precision, bias
-    y = y + branch(dropout(x))                       # LoRA: s·(x@A)@B;  VeRA: ((x@A)⊙λ_d)@B⊙λ_b
-    y = (m/‖W0 + s·A@B‖_col) ⊙ (y − bias + branch) + bias     # DoRA, norm without an (in,out) temp
-
-For an NF4 kernel the handler computes the base product itself, dequantizing that one kernel inside
-the layer (``nf4_matmul``: the backward re-dequantizes instead of keeping the weight alive).
-
-A targeted kernel that no recognised layer consumes (a custom ``self.param`` + ``jnp.dot`` module,
-``nn.Conv``, ``nn.Embed``) is merged inside the step instead, with one warning naming those paths.
-Custom layers join the factored path through ``custom_layers={MyLayer: LayerSpec(...)}``.
+A targeted (or NF4) kernel that no recognised layer consumes (a custom ``self.param`` + ``jnp.dot``
+module, ``nn.Conv``, ``nn.Embed``) is merged (dequantized) inside the step instead, with one warning
+naming those paths. Custom layers join the factored path through ``custom_layers={MyLayer: LayerSpec(...)}``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
-import zlib
 from collections.abc import Mapping
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from lowrank_jax.adapter import AdapterParams
 from lowrank_jax.execution import views
+from lowrank_jax.execution.factored import LayerCall, dropout_key_data, layer_output
 from lowrank_jax.layout import Layout
-from lowrank_jax.tree import (
-    BASE_SQ_NORMS,
-    SHARED_KEY,
-    _is_frozen_leaf,
-    adapter_nodes,
-    base_params,
-    merge_leaf,
-    path_str,
-)
+from lowrank_jax.methods.lora import DORA_PRE_SCALE
+from lowrank_jax.quant.kernels import is_quantized, kernel_of, kernel_shape_of
+from lowrank_jax.tree import base_params, fitted_nodes, frozen_caches, merge_leaf, path_str, shared_of
+
+__all__ = ["DORA_PRE_SCALE", "LayerSpec", "apply", "discover"]
 
 SEP = "__lowrank_"
-# checkpoint_name of DoRA's pre-scale output x@W0 + s·(x@A)@B: its magnitude gradient needs it, so a
-# remat policy that saves only layer outputs should also save this name, e.g.
-# jax.checkpoint_policies.save_only_these_names("my_layer_out", lowrank_jax.DORA_PRE_SCALE).
-DORA_PRE_SCALE = "lowrank_dora_pre_scale"
 DROPOUT_KEY = "dropout_key"
-BASE_SQ_NORM = "base_sq_norm"
+CACHE = "frozen_cache"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,14 +86,14 @@ def _spec_for(module: nn.Module, custom: Mapping[type, LayerSpec] | None) -> Lay
     return None
 
 
-def _call_input(args: tuple, kwargs: dict) -> Any:
+def _call_input(args: tuple, kwargs: dict, where: str) -> Any:
     if args:
         return args[0]
-    if "inputs" in kwargs:
-        return kwargs["inputs"]
-    if "x" in kwargs:
-        return kwargs["x"]
-    raise TypeError("lowrank_jax: could not find the input of an adapted layer call")
+    for name in ("inputs", "x"):
+        if name in kwargs:
+            return kwargs[name]
+    raise TypeError(f"lowrank_jax.apply: {where}: could not find the layer call's input (no positional argument, "
+                    f"no 'inputs' or 'x' keyword; got keywords {sorted(kwargs)})")
 
 
 def _view(module: nn.Module, spec: LayerSpec, args: tuple, kwargs: dict, x_shape, kernel_shape):
@@ -128,21 +114,11 @@ def _view(module: nn.Module, spec: LayerSpec, args: tuple, kwargs: dict, x_shape
 @dataclasses.dataclass(frozen=True)
 class _Target:
     path: str
-    node: AdapterParams
-    quantized: bool
+    node: AdapterParams | None      # None: an NF4 kernel without an adapter
 
 
 def _module_key(module: nn.Module, kernel: str) -> str:
     return "/".join(str(p) for p in module.path) + "/" + kernel
-
-
-def _dropout(x, rate: float, key_data):
-    """Inverted dropout of the adapter input: keep with probability ``1 − rate``, scale by ``1/(1 − rate)``."""
-    if rate == 0.0 or key_data is None:
-        return x
-    key = jax.random.wrap_key_data(key_data)
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 def _make_handler(targets: Mapping[str, _Target], shared: Mapping, consumed: set | None,
@@ -158,68 +134,31 @@ def _make_handler(targets: Mapping[str, _Target], shared: Mapping, consumed: set
         target = targets.get(key)
         if target is None:
             return next_fun(*args, **kwargs)
-        node, method = target.node, target.node.method
-        per_call_shape = node.shape[node.layout.stack:]
-        x = _call_input(args, kwargs)
-        view = _view(module, spec, args, kwargs, jnp.shape(x), per_call_shape)
-        if view is None or view.layout.in_axes != node.layout.in_axes \
-                or view.layout.out_axes != node.layout.out_axes:
-            return next_fun(*args, **kwargs) if not target.quantized else _unsupported(key)
+        kernel = module.get_variable("params", spec.kernel)
+        node = target.node
+        x = _call_input(args, kwargs, key)
+        per_call = node.shape[node.layout.stack:] if node is not None else kernel_shape_of(kernel)
+        view = _view(module, spec, args, kwargs, jnp.shape(x), per_call)
+        layout = node.layout if node is not None else kernel.kernel_layout or Layout()
+        if view is None or view.layout.in_axes != layout.in_axes or view.layout.out_axes != layout.out_axes:
+            return next_fun(*args, **kwargs)        # not consumed: merged/dequantized in the step instead
         if consumed is not None:
             consumed.add(key)
-        params = {k: module.get_variable("params", spec.kernel + SEP + k) for k in node.params}
-        key_data = module.get_variable("params", spec.kernel + SEP + DROPOUT_KEY) \
-            if module.has_variable("params", spec.kernel + SEP + DROPOUT_KEY) else None
-        sh = shared.get(node.shared) if node.shared else None
-        kernel = module.get_variable("params", spec.kernel)
+
+        def get(name):
+            return module.get_variable("params", spec.kernel + SEP + name) \
+                if module.has_variable("params", spec.kernel + SEP + name) else None
+
         has_bias = spec.bias is not None and module.has_variable("params", spec.bias)
-        bias = module.get_variable("params", spec.bias) if has_bias else None
-
-        xm = view.x_to_mat(x)
-        if target.quantized:
-            from lowrank_jax.quant import nf4
-            cdt = method.quant.compute_dtype or node.dtype
-            cdt = jnp.result_type(cdt, getattr(module, "dtype", None) or cdt)
-            base_m = nf4.nf4_matmul(xm.astype(cdt), kernel)
-            y = view.mat_to_y(base_m)
-            if bias is not None:
-                y = y + bias.astype(y.dtype)
-        else:
-            y = next_fun(*args, **kwargs)
-
-        adt = adapter_dtype or jnp.result_type(*[p.dtype for p in params.values()])
-        xa = _dropout(xm.astype(adt), method.dropout, key_data)
-        branch_m = method.branch(xa, params, sh)
-
-        if getattr(method, "detach_norm", None) is None:  # additive methods: LoRA, VeRA
-            return y + view.mat_to_y(branch_m).astype(y.dtype)
-        # DoRA: y = k ⊙ (x@W0 + branch) + bias, k = m / ‖W0 + s·A@B‖_col
-        if target.quantized:
-            from lowrank_jax.tree import _dequantize_matrix
-            w_mat = _dequantize_matrix(kernel)
-        else:
-            w_mat = view.layout.to_matrix(kernel)
-        cache_name = spec.kernel + SEP + BASE_SQ_NORM
-        cache = module.get_variable("params", cache_name) if module.has_variable("params", cache_name) else None
-        scale = method.output_scale(w_mat, params, cache)
-        # in the (rows, out) matrix view: 2-D elementwise ops and reductions (cheaper for XLA than
-        # broadcasting over several batch axes)
-        y_nobias = y - bias.astype(y.dtype) if bias is not None else y
-        pre = checkpoint_name(view.y_to_mat(y_nobias).astype(adt) + branch_m, DORA_PRE_SCALE)
-        out = pre * scale.astype(adt)[None, :]
-        out = view.mat_to_y(out)
-        if bias is not None:
-            out = out + bias.astype(adt)
-        return out.astype(y.dtype)
+        call = LayerCall(key, view, x, kernel, module.get_variable("params", spec.bias) if has_bias else None,
+                         lambda: next_fun(*args, **kwargs), getattr(module, "dtype", None))
+        if node is None:
+            return layer_output(call, None)
+        return layer_output(call, node, {k: get(k) for k in node.params},
+                            shared=shared.get(node.shared) if node.shared else None, cache=get(CACHE),
+                            dropout_key=get(DROPOUT_KEY), adapter_dtype=adapter_dtype)
 
     return handler
-
-
-def _unsupported(key: str):
-    raise NotImplementedError(
-        f"{key}: this NF4-quantized kernel is used by a layer call the factored path cannot express "
-        "(e.g. DenseGeneral with batch_dims); quantized kernels need a recognised layer"
-    )
 
 
 def _split_path(path: str) -> tuple[list[str], str]:
@@ -228,8 +167,8 @@ def _split_path(path: str) -> tuple[list[str], str]:
 
 
 def _colocate(base: Any, nodes: list[tuple[str, AdapterParams]], dropout_key: Any,
-              norm_cache: Mapping[str, Any] | None = None) -> Any:
-    """Copy of the params dict with each adapter's arrays (and frozen per-kernel extras) next to its kernel."""
+              caches: Mapping[str, Any]) -> Any:
+    """Copy of the params dict with each adapter's arrays (and its frozen cache, dropout keys) next to its kernel."""
     if not isinstance(base, Mapping):
         raise TypeError(f"apply: variables['params'] must be a mapping, got {type(base).__name__}")
 
@@ -244,14 +183,10 @@ def _colocate(base: Any, nodes: list[tuple[str, AdapterParams]], dropout_key: An
             d = d[m]
         for name, arr in node.params.items():
             d[kname + SEP + name] = arr
-        if norm_cache and path in norm_cache:
-            d[kname + SEP + BASE_SQ_NORM] = norm_cache[path]
+        if path in caches:
+            d[kname + SEP + CACHE] = caches[path]
         if dropout_key is not None and node.method.dropout > 0:
-            stack = node.layout.stack_shape(node.shape)
-            k = jax.random.fold_in(dropout_key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-            keys = jax.random.split(k, math.prod(stack)) if stack else k
-            kd = jax.random.key_data(keys)
-            d[kname + SEP + DROPOUT_KEY] = kd.reshape(*stack, *kd.shape[1:]) if stack else kd
+            d[kname + SEP + DROPOUT_KEY] = dropout_key_data(dropout_key, path, node)
     return out
 
 
@@ -279,23 +214,18 @@ def apply(model: nn.Module, variables: Mapping[str, Any], adapter: Any, *args,
     if "params" not in variables:
         raise KeyError("apply: variables must contain 'params' (the frozen tree from lowrank_jax.init)")
     frozen = variables["params"]
-    shared = frozen.get(SHARED_KEY, {}) if isinstance(frozen, Mapping) else {}
+    shared = shared_of(frozen)
     base = base_params(frozen)
-    nodes = adapter_nodes(adapter) if adapter else []
-    if not nodes:
+    nodes, leaves = fitted_nodes(frozen, adapter, "apply")
+    caches = frozen_caches(frozen)
+    node_of = dict(nodes)
+    targets = {p: _Target(p, node_of.get(p)) for p, leaf in leaves.items() if p in node_of or is_quantized(leaf)}
+    if not targets:
         return model.apply({**variables, "params": base}, *args, **kwargs)
 
-    leaves = dict((path_str(p), v) for p, v in jax.tree_util.tree_flatten_with_path(
-        base, is_leaf=_is_frozen_leaf)[0])
-    targets: dict[str, _Target] = {}
-    for path, node in nodes:
-        if path not in leaves:
-            raise ValueError(f"apply: adapter path {path!r} is not in the frozen params")
-        targets[path] = _Target(path, node, _is_frozen_leaf(leaves[path]))
-
-    def run(nodes_now, base_now, consumed):
-        params = _colocate(base_now, nodes_now, dropout_key, shared.get(BASE_SQ_NORMS))
-        live = {k: v for k, v in targets.items() if any(p == k for p, _ in nodes_now)}
+    def run(nodes_now, base_now, consumed, skip=()):
+        params = _colocate(base_now, nodes_now, dropout_key, caches)
+        live = {k: v for k, v in targets.items() if k not in skip}
         handler = _make_handler(live, shared, consumed, custom_layers, adapter_dtype)
         with nn.intercept_methods(handler):
             return model.apply({**variables, "params": params}, *args, **kwargs)
@@ -307,20 +237,22 @@ def apply(model: nn.Module, variables: Mapping[str, Any], adapter: Any, *args,
         return run(nodes, base, None)
 
     warnings.warn(
-        "lowrank_jax.apply: these adapted kernels are not consumed by a recognised layer "
-        f"(nn.Dense/DenseGeneral/Einsum or custom_layers) and are merged inside the step instead: {missing}",
-        stacklevel=2,
+        "lowrank_jax.apply: these adapted or NF4 kernels are not consumed by a recognised layer "
+        f"(nn.Dense/DenseGeneral/Einsum or custom_layers) and are merged (NF4: dequantized) inside the step "
+        f"instead: {missing}", stacklevel=2,
     )
-    for path in missing:
-        if targets[path].quantized:
-            _unsupported(path)
-    merged_base = _replace_leaves(base, {p: merge_leaf(leaves[p], targets[p].node, shared, p) for p in missing})
+    merged = {p: merge_leaf(leaves[p], node_of[p], shared, p) if p in node_of else kernel_of(leaves[p])
+              for p in missing}
     kept = [(p, n) for p, n in nodes if p not in missing]
-    return run(kept, merged_base, None)
+    return run(kept, _replace_leaves(base, merged), None, set(missing))
+
+
+def _shape(kernel: Any) -> tuple[int, ...]:
+    return kernel_shape_of(kernel) if is_quantized(kernel) else tuple(jnp.shape(kernel))
 
 
 def _replace_leaves(tree: Any, new: Mapping[str, Any]) -> Any:
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_frozen_leaf)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
     return jax.tree_util.tree_unflatten(treedef, [new.get(path_str(p), v) for p, v in leaves])
 
 
@@ -344,10 +276,11 @@ def discover(model: nn.Module, variables: Mapping[str, Any], *args,
         spec = _spec_for(module, custom_layers) if ctx.method_name == "__call__" else None
         if spec is not None and module.has_variable("params", spec.kernel):
             kernel = module.get_variable("params", spec.kernel)
-            x = _call_input(a, kw)
-            view = _view(module, spec, a, kw, jnp.shape(x), jnp.shape(kernel))
+            key = _module_key(module, spec.kernel)
+            x = _call_input(a, kw, key)
+            view = _view(module, spec, a, kw, jnp.shape(x), _shape(kernel))
             if view is not None:
-                found[_module_key(module, spec.kernel)] = (view.layout, tuple(jnp.shape(kernel)))
+                found[key] = (view.layout, _shape(kernel))
         return next_fun(*a, **kw)
 
     def probe():
@@ -355,8 +288,8 @@ def discover(model: nn.Module, variables: Mapping[str, Any], *args,
             return model.apply(variables, *args, **kwargs)
 
     jax.eval_shape(probe)
-    full = {path_str(p): tuple(jnp.shape(v)) for p, v in
-            jax.tree_util.tree_flatten_with_path(variables["params"])[0]}
+    full = {path_str(p): _shape(v) for p, v in
+            jax.tree_util.tree_flatten_with_path(base_params(variables["params"]), is_leaf=is_quantized)[0]}
     out: dict[str, Layout] = {}
     for path, (layout, call_shape) in found.items():
         if path not in full:

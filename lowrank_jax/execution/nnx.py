@@ -38,36 +38,26 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import math
 import warnings
-import zlib
 from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from lowrank_jax.adapter import AdapterParams
 from lowrank_jax.execution import views
+from lowrank_jax.execution.factored import LayerCall, check_view, dropout_key_data, layer_output
 from lowrank_jax.layout import Layout
-from lowrank_jax.execution.linen import DORA_PRE_SCALE, _dropout
-from lowrank_jax.tree import (
-    SHARED_KEY,
-    _check_fit,
-    _dequantize_matrix,
-    _is_frozen_leaf,
-    adapter_nodes,
-    base_params,
-    merge_leaf,
-    path_str,
-)
+from lowrank_jax.quant.kernels import is_quantized, kernel_of, kernel_shape_of, layout_of
+from lowrank_jax.tree import base_params, fitted_nodes, frozen_caches, merge_leaf, shared_of
 
 __all__ = ["LowRankParam", "apply", "discover", "factored_model", "merged_model", "params_of", "shared_scope"]
 
 SEP = "__lowrank_"
 DROPOUT_KEY = "dropout_key"
+CACHE = "frozen_cache"
 
 _SHARED: contextvars.ContextVar[Mapping | None] = contextvars.ContextVar("lowrank_jax_nnx_shared",
                                                                         default=None)
@@ -164,7 +154,7 @@ def discover(model: nnx.Module) -> dict[str, Layout]:
             continue
         layout, ndim = found
         value = _kernel_value(kernel)
-        if _is_frozen_leaf(value) or not hasattr(value, "ndim"):
+        if is_quantized(value) or not hasattr(value, "ndim"):
             continue
         stack = value.ndim - ndim
         if stack < 0:
@@ -177,105 +167,64 @@ def discover(model: nnx.Module) -> dict[str, Layout]:
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    """Static description of one adapted layer (part of the copy's graphdef, hashable)."""
+    """Static description of one factored layer (part of the copy's graphdef, hashable)."""
 
     path: str
     kind: str
-    names: tuple[str, ...]
-    method: Any
-    layout: Layout                    # per-call layout (stack = 0)
+    node_aux: tuple | None            # AdapterParams.aux of the adapter; None: an NF4 kernel without one
     kernel_shape: tuple[int, ...]     # per-call kernel shape
-    dtype: str                        # the kernel's original dtype
-    shared: str | None
-    quantized: bool
+    cached: bool
     dropout: bool
     adapter_dtype: Any
 
 
-def _call_input(args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
+def _call_input(args: tuple, kwargs: dict, where: str) -> tuple[Any, tuple, dict]:
     if args:
         return args[0], args[1:], kwargs
     if "inputs" in kwargs:
         kw = dict(kwargs)
         return kw.pop("inputs"), (), kw
-    raise TypeError("lowrank_jax.nnx: could not find the input of an adapted layer call")
+    raise TypeError(f"lowrank_jax.nnx.apply: {where}: could not find the layer call's input (no positional "
+                    f"argument, no 'inputs' keyword; got keywords {sorted(kwargs)})")
 
 
 def _view(module: Any, spec: _Spec, x_shape: tuple[int, ...], rest: tuple, kwargs: dict):
     if spec.kind == "linear":
-        return views.dense_view(x_shape, spec.kernel_shape), None
+        return views.dense_view(x_shape, spec.kernel_shape)
     if spec.kind == "linear_general":
         nd = len(x_shape)
         axis = tuple(sorted(a % nd for a in module.axis))     # nnx.LinearGeneral sorts its axes
-        return views.dense_general_view(x_shape, spec.kernel_shape, axis), None
+        return views.dense_general_view(x_shape, spec.kernel_shape, axis)
     einsum_str = kwargs.get("einsum_str") or (rest[0] if rest else None) or module.einsum_str
-    einsum_str = einsum_str.replace(" ", "")
-    return views.einsum_view(einsum_str, x_shape, spec.kernel_shape), einsum_str
-
-
-def _bias_to_y(module: Any, spec: _Spec, bias, x, y, einsum_str):
-    """The layer's bias broadcast against its output ``y`` (as the layer itself adds it)."""
-    if spec.kind == "linear":
-        return jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    if spec.kind == "linear_general":
-        n_out = len(module.out_features)
-        return jnp.reshape(bias, (1,) * (y.ndim - n_out) + tuple(module.out_features))
-    # Einsum: an output axis carries the bias dim when its label is a kernel label, else 1.
-    _, ks, out = views.parse_einsum(einsum_str, jnp.ndim(x))
-    return jnp.reshape(bias, tuple(spec.kernel_shape[ks.index(c)] if c in ks else 1 for c in out))
+    return views.einsum_view(einsum_str.replace(" ", ""), x_shape, spec.kernel_shape)
 
 
 def _factored_call(module: Any, base_call: Callable, args: tuple, kwargs: dict):
     spec: _Spec = module._lowrank_spec
-    method = spec.method
-    x, rest, kw = _call_input(args, kwargs)
+    node = None if spec.node_aux is None else \
+        AdapterParams.tree_unflatten(spec.node_aux, [getattr(module, "kernel" + SEP + k)[...] for k in spec.node_aux[0]])
+    x, rest, kw = _call_input(args, kwargs, spec.path)
     x = jnp.asarray(x)
-    view, einsum_str = _view(module, spec, tuple(x.shape), rest, kw)
-    if view is None or view.layout.in_axes != spec.layout.in_axes \
-            or view.layout.out_axes != spec.layout.out_axes:
-        raise NotImplementedError(
-            f"lowrank_jax.nnx: {spec.path}: this call contracts the kernel differently from the "
-            f"adapter's layout {spec.layout} (e.g. an Einsum string given at call time); the "
-            "factored path cannot express it — merge the adapter instead (lowrank_jax.merge)")
-    kname = "kernel"
-    params = {k: getattr(module, kname + SEP + k)[...] for k in spec.names}
-    key_data = getattr(module, kname + SEP + DROPOUT_KEY)[...] if spec.dropout else None
-    shared_all = _SHARED.get() or {}
-    sh = shared_all.get(spec.shared) if spec.shared else None
-    if spec.shared and sh is None:
-        raise RuntimeError(f"lowrank_jax.nnx: {spec.path}: the shared VeRA projections {spec.shared!r} "
-                           "are only available while lowrank_jax.execution.nnx.apply runs the model")
+    view = _view(module, spec, tuple(x.shape), rest, kw)
     kernel = _kernel_value(module.kernel)
+    check_view(spec.path, view, node.layout if node is not None else kernel.kernel_layout or Layout(),
+               "adapter" if node is not None else "NF4 kernel")
     bias = module.bias[...] if getattr(module, "bias", None) is not None else None
-
-    xm = view.x_to_mat(x)
-    if spec.quantized:
-        from lowrank_jax.quant import nf4
-        cdt = method.quant.compute_dtype or spec.dtype
-        cdt = jnp.result_type(cdt, getattr(module, "dtype", None) or cdt)
-        y = view.mat_to_y(nf4.nf4_matmul(xm.astype(cdt), kernel))
-        if bias is not None:
-            y = y + _bias_to_y(module, spec, bias, x, y, einsum_str).astype(y.dtype)
-    else:
-        y = base_call(*args, **kwargs)
-
-    adt = spec.adapter_dtype or jnp.result_type(*[p.dtype for p in params.values()])
-    xa = _dropout(xm.astype(adt), method.dropout, key_data)
-    branch_m = method.branch(xa, params, sh)
-
-    if getattr(method, "detach_norm", None) is None:           # additive: LoRA, VeRA
-        return y + view.mat_to_y(branch_m).astype(y.dtype)
-    # DoRA: y = k ⊙ (x@W0 + branch) + bias,  k = m / ‖W0 + s·A@B‖_col
-    w_mat = _dequantize_matrix(kernel) if spec.quantized else spec.layout.to_matrix(kernel)
-    scale = method.output_scale(w_mat, params)
-    bias_y = _bias_to_y(module, spec, bias, x, y, einsum_str) if bias is not None else None
-    y_nobias = y - bias_y.astype(y.dtype) if bias_y is not None else y
-    # in the (rows, out) matrix view: 2-D elementwise ops (see the linen handler)
-    pre = checkpoint_name(view.y_to_mat(y_nobias).astype(adt) + branch_m, DORA_PRE_SCALE)
-    out = view.mat_to_y(pre * scale.astype(adt)[None, :])
-    if bias_y is not None:
-        out = out + bias_y.astype(adt)
-    return out.astype(y.dtype)
+    call = LayerCall(spec.path, view, x, kernel, bias, lambda: base_call(*args, **kwargs),
+                     getattr(module, "dtype", None))
+    if node is None:
+        return layer_output(call, None)
+    shared_all = _SHARED.get() or {}
+    sh = shared_all.get(node.shared) if node.shared else None
+    if node.shared and sh is None:
+        raise RuntimeError(f"lowrank_jax.nnx: {spec.path}: the shared arrays {node.shared!r} "
+                           "are only available while lowrank_jax.execution.nnx.apply runs the model")
+    kname = "kernel"
+    return layer_output(
+        call, node, node.params, shared=sh,
+        cache=getattr(module, kname + SEP + CACHE)[...] if spec.cached else None,
+        dropout_key=getattr(module, kname + SEP + DROPOUT_KEY)[...] if spec.dropout else None,
+        adapter_dtype=spec.adapter_dtype)
 
 
 _FACTORED_CLASSES: dict[type, type] = {}
@@ -320,33 +269,22 @@ def _fresh_state(model: nnx.Module, frozen_flat: Mapping[str, Any], replaced: Ma
     return graphdef, nnx.from_flat_state(flat)
 
 
-def _dropout_keys(dropout_key, path: str, node: AdapterParams):
-    stack = node.layout.stack_shape(node.shape)
-    k = jax.random.fold_in(dropout_key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-    keys = jax.random.split(k, math.prod(stack)) if stack else k
-    kd = jax.random.key_data(keys)
-    return kd.reshape(*stack, *kd.shape[1:]) if stack else kd
-
-
 def factored_model(model: nnx.Module, frozen: Any, adapter: Any, *, dropout_key: jax.Array | None = None,
                    adapter_dtype: Any = None) -> tuple[nnx.Module, Mapping]:
-    """``(copy, shared)``: a new module equal to ``model`` with ``frozen`` params, whose adapted layers
-    run factored, and the shared frozen arrays (VeRA) the copy's layers read while it runs.
+    """``(copy, shared)``: a new module equal to ``model`` with ``frozen`` params, whose adapted and
+    NF4 layers run factored, and the shared frozen arrays (VeRA) the copy's layers read while it runs.
 
     Call the copy inside ``with shared_scope(shared): copy(x)`` (VeRA layers read the shared
     projections from it) — or just use :func:`apply`, which does exactly that. Build it inside your
-    traced function (jit/grad): its variables are created in the current trace. Targeted kernels no recognised layer owns are merged into the copy's params, with
-    one warning listing them.
+    traced function (jit/grad): its variables are created in the current trace. Targeted (or NF4)
+    kernels no recognised layer owns are merged (dequantized) into the copy's params, with one warning
+    listing them. Runs the same fit checks as :func:`lowrank_jax.merge`.
     """
-    shared = frozen.get(SHARED_KEY, {}) if isinstance(frozen, Mapping) else {}
-    base = base_params(frozen)
-    frozen_flat = {path_str(p): v for p, v in
-                   jax.tree_util.tree_flatten_with_path(base, is_leaf=_is_frozen_leaf)[0]}
-    nodes = adapter_nodes(adapter) if adapter else []
-    for path, node in nodes:
-        if path not in frozen_flat:
-            raise ValueError(f"lowrank_jax.nnx.apply: adapter path {path!r} is not in the frozen params")
-        _check_fit(path, frozen_flat[path], node)
+    shared = shared_of(frozen)
+    nodes, frozen_flat = fitted_nodes(frozen, adapter, "lowrank_jax.nnx.apply")
+    node_of = dict(nodes)
+    caches = frozen_caches(frozen)
+    wanted = [p for p in frozen_flat if p in node_of or is_quantized(frozen_flat[p])]
 
     # Which targets a recognised layer owns (static walk of the user's model; nothing is mutated).
     layers: dict[str, tuple[Any, str]] = {}
@@ -354,50 +292,47 @@ def factored_model(model: nnx.Module, frozen: Any, adapter: Any, *, dropout_key:
         kind = _kind_of(mod)
         if kind is not None:
             layers[_mod_path(mpath) + "/kernel"] = (mod, kind)
-    plan: dict[str, tuple[str, Layout, int]] = {}
+    plan: dict[str, tuple[str, tuple[int, ...]]] = {}
     missing = []
-    for path, node in nodes:
+    for path in wanted:
+        node, leaf = node_of.get(path), frozen_flat[path]
+        layout = node.layout if node is not None else layout_of(leaf)
+        shape = node.shape if node is not None else kernel_shape_of(leaf)
         hit = layers.get(path)
         found = _layer_layout(hit[0], hit[1]) if hit else None
         if hit is not None and found is None and hit[1] == "einsum" and not hit[0].einsum_str:
-            found = (Layout(node.layout.in_axes, node.layout.out_axes), node.layout.ndim - node.layout.stack)
-        if found is None or found[0].in_axes != node.layout.in_axes \
-                or found[0].out_axes != node.layout.out_axes:
+            found = (Layout(layout.in_axes, layout.out_axes), layout.ndim - layout.stack)
+        if found is None or found[0].in_axes != layout.in_axes or found[0].out_axes != layout.out_axes:
             missing.append(path)
             continue
-        plan[path] = (hit[1], found[0], found[1])
+        plan[path] = (hit[1], tuple(shape[layout.stack:]))
 
     replaced = {}
     if missing:
-        for p in missing:
-            if _is_frozen_leaf(frozen_flat[p]):
-                raise NotImplementedError(
-                    f"{p}: this NF4-quantized kernel is not owned by an nnx.Linear/LinearGeneral/Einsum "
-                    "whose layout matches the adapter; quantized kernels need a recognised layer")
         warnings.warn(
-            "lowrank_jax.nnx.apply: these adapted kernels are not owned by a recognised layer "
-            "(nnx.Linear/LinearGeneral/Einsum with a matching layout) and are merged inside the step "
-            f"instead: {missing}", stacklevel=3)
-        node_of = dict(nodes)
-        replaced = {p: merge_leaf(frozen_flat[p], node_of[p], shared, p) for p in missing}
+            "lowrank_jax.nnx.apply: these adapted or NF4 kernels are not owned by a recognised layer "
+            "(nnx.Linear/LinearGeneral/Einsum with a matching layout) and are merged (NF4: dequantized) inside "
+            f"the step instead: {missing}", stacklevel=3)
+        replaced = {p: merge_leaf(frozen_flat[p], node_of[p], shared, p) if p in node_of else kernel_of(frozen_flat[p])
+                    for p in missing}
 
     graphdef, state = _fresh_state(model, frozen_flat, replaced)
     copy = nnx.merge(graphdef, state)
     modules = {_mod_path(p) + "/kernel": m for p, m in nnx.iter_graph(copy) if _kind_of(m) is not None}
-    for path, node in nodes:
-        if path not in plan:
-            continue
-        kind, layout, ndim = plan[path]
+    for path, (kind, kernel_shape) in plan.items():
+        node = node_of.get(path)
         mod = modules[path]
-        quantized = _is_frozen_leaf(frozen_flat[path])
-        drop = dropout_key is not None and node.method.dropout > 0
-        spec = _Spec(path, kind, tuple(node.params), node.method, layout, tuple(node.shape[node.layout.stack:]),
-                     node.dtype, node.shared, quantized, drop, adapter_dtype)
-        for name, arr in node.params.items():
-            setattr(mod, "kernel" + SEP + name, LowRankParam(arr))
+        drop = node is not None and dropout_key is not None and node.method.dropout > 0
+        cached = node is not None and path in caches
+        if node is not None:
+            for name, arr in node.params.items():
+                setattr(mod, "kernel" + SEP + name, LowRankParam(arr))
         if drop:
-            setattr(mod, "kernel" + SEP + DROPOUT_KEY, LowRankParam(_dropout_keys(dropout_key, path, node)))
-        mod._lowrank_spec = spec
+            setattr(mod, "kernel" + SEP + DROPOUT_KEY, LowRankParam(dropout_key_data(dropout_key, path, node)))
+        if cached:
+            setattr(mod, "kernel" + SEP + CACHE, LowRankParam(caches[path]))
+        mod._lowrank_spec = _Spec(path, kind, None if node is None else node.aux, kernel_shape, cached, drop,
+                                  adapter_dtype)
         object.__setattr__(mod, "__class__", _factored_class(type(mod)))
     return copy, shared
 

@@ -33,6 +33,7 @@ class CallView:
     out_shape: tuple[int, ...]
     y_perm: tuple[int, ...] | None
     layout: Layout  # per-call layout of the kernel (stack = 0)
+    bias_perm: tuple[int, ...] | None = None   # bias axes (output order) -> kernel out-axes order
 
     def x_to_mat(self, x):
         if self.x_perm != tuple(range(len(self.x_perm))):
@@ -49,10 +50,13 @@ class CallView:
             y = jnp.transpose(y, inv)
         return y.reshape(-1, math.prod(self.out_shape))
 
-    def scale_to_y(self, scale, ndim: int):
-        """A per-output-unit ``(out,)`` vector broadcastable against the layer output."""
-        s = scale.reshape((1,) * len(self.rows) + self.out_shape)
-        return s if self.y_perm is None else jnp.transpose(s, self.y_perm)
+    def bias_to_mat(self, bias):
+        """The layer's bias (over its output axes, in output order) as an ``(out,)`` vector in the
+        matrix view's column order."""
+        if self.bias_perm is None:
+            return bias.reshape(-1)
+        shape = tuple(self.out_shape[self.bias_perm.index(i)] for i in range(len(self.bias_perm)))
+        return jnp.transpose(bias.reshape(shape), self.bias_perm).reshape(-1)
 
 
 def dense_view(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> CallView:
@@ -120,4 +124,7 @@ def einsum_view(spec: str, x_shape: tuple[int, ...], kernel_shape: tuple[int, ..
     order = rest + out_labels
     y_perm = tuple(order.index(c) for c in out)
     y_perm = None if y_perm == tuple(range(len(y_perm))) else y_perm
-    return CallView(x_perm, tuple(dims[c] for c in rest), in_size, out_shape, y_perm, layout)
+    bias_order = [c for c in out if c in out_labels]          # flax Einsum's bias axes
+    bias_perm = tuple(bias_order.index(c) for c in out_labels)
+    bias_perm = None if bias_perm == tuple(range(len(bias_perm))) else bias_perm
+    return CallView(x_perm, tuple(dims[c] for c in rest), in_size, out_shape, y_perm, layout, bias_perm)

@@ -18,13 +18,22 @@ the backward pass.
 from __future__ import annotations
 
 import dataclasses
+from types import MappingProxyType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from lowrank_jax.methods.base import (
+    IN,
+    OUT,
+    RANK,
+    ArraySpec,
+    FrozenInputs,
+    MethodBase,
     check_alpha,
+    check_bool,
     check_dropout,
     check_rank,
     normalize_targets,
@@ -33,6 +42,12 @@ from lowrank_jax.methods.base import (
 Array = jax.Array
 
 DEFAULT_TARGETS = r"(.*/)?kernel"
+# checkpoint_name of DoRA's pre-scale output x@W0 + s·(x@A)@B: its magnitude gradient needs it, so a
+# remat policy that saves only layer outputs should also save this name, e.g.
+# jax.checkpoint_policies.save_only_these_names("my_layer_out", lowrank_jax.DORA_PRE_SCALE).
+DORA_PRE_SCALE = "lowrank_dora_pre_scale"
+
+_FACTORS = {"a": ArraySpec((IN, RANK), "lora_A.weight"), "b": ArraySpec((RANK, OUT), "lora_B.weight")}
 
 
 def _up(x: Array) -> Array:
@@ -46,8 +61,7 @@ def _validate_low_rank(m: Any, name: str) -> None:
     object.__setattr__(m, "alpha", check_alpha(m.alpha, name))
     object.__setattr__(m, "dropout", check_dropout(m.dropout, name))
     object.__setattr__(m, "targets", normalize_targets(m.targets, f"{name}.targets"))
-    if not isinstance(m.rslora, bool):
-        raise TypeError(f"{name}: rslora must be a bool, got {m.rslora!r}")
+    check_bool(m.rslora, "rslora", name)
     if m.init not in _INITS:
         raise ValueError(f"{name}: init must be one of {_INITS}, got {m.init!r}")
     if m.quant is not None:
@@ -56,7 +70,7 @@ def _validate_low_rank(m: Any, name: str) -> None:
             raise TypeError(f"{name}: quant must be lowrank_jax.NF4(...) or None, got {m.quant!r}")
 
 
-class _LowRank:
+class _LowRank(MethodBase):
     """Shared math of LoRA and DoRA: the factors ``A (in, r)``, ``B (r, out)`` and their scaling."""
 
     rank: int
@@ -75,9 +89,6 @@ class _LowRank:
                 f"{path}: rank {self.rank} exceeds min(in, out) = {min(n_in, n_out)} of its "
                 f"(in, out) = ({n_in}, {n_out}) matrix; use rank <= {min(n_in, n_out)}"
             )
-
-    def make_shared(self, max_in: int, max_out: int) -> None:
-        return None
 
     def _init_factors(self, key: Array, w: Array) -> tuple[Array, Array, Array | None]:
         """``(A, B, W0_new)``: random A and zero B, or PiSSA's top-r SVD factors and residual base."""
@@ -107,6 +118,11 @@ class _LowRank:
         b = params["b"].astype(x.dtype)
         return ((x @ a) * jnp.asarray(self.scaling, x.dtype)) @ b
 
+    def forward(self, x: Array, y: Array, bias: Array | None, params: dict[str, Array],
+                frozen: FrozenInputs) -> Array:
+        """``y + s·(x@A)@B``: the base output plus the branch, cast to ``y``'s dtype."""
+        return y + self.branch(x, params).astype(y.dtype)
+
 
 @dataclasses.dataclass(frozen=True)
 class LoRA(_LowRank):
@@ -124,7 +140,9 @@ class LoRA(_LowRank):
       init: ``"kaiming_uniform"`` (PEFT default: ``A ~ U(±1/sqrt(in))``, ``B = 0``), ``"gaussian"``
         (``A ~ N(0, 1/r²)``, ``B = 0``) or ``"pissa"`` (``A, B`` from the top-r SVD of ``W0``, and the
         frozen ``W0`` replaced by ``W0 − s·A@B``, so the model is unchanged at init).
-      quant: ``lowrank_jax.NF4(...)`` stores the frozen targeted kernels as NF4 (QLoRA).
+      quant: ``lowrank_jax.NF4(...)`` stores the frozen targeted kernels as NF4 (QLoRA): shorthand
+        for ``init(method, quantize(params, NF4(targets=method.targets)))``; to quantize the whole
+        base and adapt a few kernels, call :func:`lowrank_jax.quantize` yourself.
 
     Example:
       >>> method = LoRA(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
@@ -142,8 +160,7 @@ class LoRA(_LowRank):
     def __post_init__(self):
         _validate_low_rank(self, "LoRA")
 
-    def param_shapes(self, n_in: int, n_out: int) -> dict[str, tuple[int, ...]]:
-        return {"a": (n_in, self.rank), "b": (self.rank, n_out)}
+    arrays = MappingProxyType(_FACTORS)
 
     def init_matrix(self, key: Array, w: Array, shared: Any = None) -> tuple[dict[str, Array], Array | None]:
         a, b, w_new = self._init_factors(key, w)
@@ -152,9 +169,6 @@ class LoRA(_LowRank):
     def merge_matrix(self, w: Array, params: dict[str, Array], shared: Any = None) -> Array:
         """``W' = W0 + s · A @ B`` (float32)."""
         return w + self.delta_matrix(params)
-
-    def output_scale(self, w: Array | None, params: dict[str, Array], cache: Any = None) -> None:
-        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,13 +194,14 @@ class DoRA(_LowRank):
 
     def __post_init__(self):
         _validate_low_rank(self, "DoRA")
-        if not isinstance(self.detach_norm, bool):
-            raise TypeError(f"DoRA: detach_norm must be a bool, got {self.detach_norm!r}")
+        check_bool(self.detach_norm, "detach_norm", "DoRA")
 
-    caches_base_norm = True  # init stores ‖W0_j‖² in the frozen tree for the factored norm
+    arrays = MappingProxyType({**_FACTORS, "m": ArraySpec((OUT,), "lora_magnitude_vector")})
 
-    def param_shapes(self, n_in: int, n_out: int) -> dict[str, tuple[int, ...]]:
-        return {"a": (n_in, self.rank), "b": (self.rank, n_out), "m": (n_out,)}
+    def frozen_cache(self, w: Array) -> Array:
+        """``‖W0_j‖²`` (float32, ``(out,)``): ``W0`` is frozen, so the factored norm reads it once per
+        step (for ``AᵀW0``) instead of twice."""
+        return jnp.sum(jnp.square(_up(w)), axis=0)
 
     def init_matrix(self, key: Array, w: Array, shared: Any = None) -> tuple[dict[str, Array], Array | None]:
         a, b, w_new = self._init_factors(key, w)
@@ -194,23 +209,20 @@ class DoRA(_LowRank):
         m = column_norm(base + self.scaling * (a @ b))
         return {"a": a, "b": b, "m": m}, w_new
 
-    def weight_norm(self, w: Array, params: dict[str, Array]) -> Array:
-        """``‖W0 + s·A@B‖_col`` (float32, shape ``(out,)``), detached if ``detach_norm``."""
-        n = column_norm(w + self.delta_matrix(params))
-        return jax.lax.stop_gradient(n) if self.detach_norm else n
-
     def merge_matrix(self, w: Array, params: dict[str, Array], shared: Any = None) -> Array:
-        """``W' = (m / ‖V'‖_col) ⊙ V'`` with ``V' = W0 + s·A@B`` (float32)."""
+        """``W' = (m / ‖V'‖_col) ⊙ V'`` with ``V' = W0 + s·A@B`` (float32; see :func:`magnitude_scale`)."""
         v = w + self.delta_matrix(params)
-        n = column_norm(v)
+        return v * self._scale(column_norm(v), params)[None, :]
+
+    def _scale(self, n: Array, params: dict[str, Array]) -> Array:
         if self.detach_norm:
             n = jax.lax.stop_gradient(n)
-        return v * (_up(params["m"]) / n)[None, :]
+        return magnitude_scale(_up(params["m"]), n)
 
-    def output_scale(self, w: Array, params: dict[str, Array], cache: Any = None) -> Array:
+    def output_scale(self, w: Array, params: dict[str, Array], cache: Array | None = None) -> Array:
         """``m / ‖W0 + s·A@B‖_col`` computed without an ``(in, out)`` temporary.
 
-        ``‖V'_j‖² = ‖W0_j‖² + 2s·⟨(W0ᵀA)_j, B_j⟩ + s²·B_jᵀ (AᵀA) B_j`` — costs one ``(out, r)`` and one
+        ``‖V'_j‖² = ‖W0_j‖² + 2s·⟨(AᵀW0)_j, B_j⟩ + s²·B_jᵀ (AᵀA) B_j`` — costs one ``(r, out)`` and one
         ``(r, r)`` product; ``‖W0_j‖²`` may be supplied precomputed as ``cache``.
         """
         a = _up(params["a"])
@@ -220,10 +232,31 @@ class DoRA(_LowRank):
         w_sq = jnp.sum(w * w, axis=0) if cache is None else cache
         cross = jnp.sum((a.T @ w) * b, axis=0)                # ⟨(AᵀW0)_{:,j}, B_{:,j}⟩, (out,)
         quad = jnp.sum(b * ((a.T @ a) @ b), axis=0)           # B_jᵀ (AᵀA) B_j, (out,)
-        n = jnp.sqrt(jnp.maximum(w_sq + 2.0 * s * cross + s * s * quad, 0.0))
-        if self.detach_norm:
-            n = jax.lax.stop_gradient(n)
-        return _up(params["m"]) / n
+        return self._scale(jnp.sqrt(jnp.maximum(w_sq + 2.0 * s * cross + s * s * quad, 0.0)), params)
+
+    def forward(self, x: Array, y: Array, bias: Array | None, params: dict[str, Array],
+                frozen: FrozenInputs) -> Array:
+        """``k ⊙ (y − bias + s·(x@A)@B) + bias`` with ``k = m / ‖W0 + s·A@B‖_col`` (no ``(in, out)``
+        temporary); the pre-scale sum is named :data:`DORA_PRE_SCALE` for remat policies."""
+        adt = x.dtype
+        scale = self.output_scale(frozen.kernel(), params, frozen.cache)
+        y_nobias = y - bias.astype(y.dtype) if bias is not None else y
+        pre = checkpoint_name(y_nobias.astype(adt) + self.branch(x, params), DORA_PRE_SCALE)
+        out = pre * scale.astype(adt)[None, :]
+        if bias is not None:
+            out = out + bias.astype(adt)
+        return out.astype(y.dtype)
+
+
+def magnitude_scale(m: Array, n: Array) -> Array:
+    """``m_j / n_j`` where ``n_j > 0``, and ``1`` where ``n_j = 0``.
+
+    A zero column of ``V' = W0 + ΔW`` has no direction, so ``W'_j = V'_j = 0`` whatever the scale;
+    choosing 1 there keeps merge-at-init the identity for dead (all-zero) output units and gives the
+    column plain LoRA gradients until it has a norm — finite values instead of ``0/0``.
+    """
+    positive = n > 0
+    return jnp.where(positive, m / jnp.where(positive, n, 1.0), jnp.ones_like(m))
 
 
 def column_norm(w: Array) -> Array:

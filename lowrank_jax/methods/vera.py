@@ -19,13 +19,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from types import MappingProxyType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank_jax.methods.base import check_dropout, check_rank, normalize_targets
+from lowrank_jax.methods.base import (
+    IN,
+    OUT,
+    RANK,
+    ArraySpec,
+    FrozenInputs,
+    MethodBase,
+    check_dropout,
+    check_rank,
+    normalize_targets,
+)
 from lowrank_jax.methods.lora import DEFAULT_TARGETS
 
 Array = jax.Array
@@ -51,7 +62,7 @@ def vera_projections(rank: int, max_in: int, max_out: int, seed: int = 0) -> tup
 
 
 @dataclasses.dataclass(frozen=True)
-class VeRA:
+class VeRA(MethodBase):
     """Vector-based random matrix adaptation: trains ``lambda_d: (r,)`` and ``lambda_b: (out,)`` per layer.
 
     Args:
@@ -81,13 +92,12 @@ class VeRA:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"VeRA: seed must be an integer in [0, 2**32), got {self.seed!r}")
 
-    quant = None  # VeRA keeps a full-precision base
+    quant = None  # no shorthand; a quantized base comes from lowrank_jax.quantize
 
-    def param_shapes(self, n_in: int, n_out: int) -> dict[str, tuple[int, ...]]:
-        return {"lambda_d": (self.rank,), "lambda_b": (n_out,)}
-
-    def check_shape(self, path: str, n_in: int, n_out: int) -> None:
-        return None
+    arrays = MappingProxyType({"lambda_d": ArraySpec((RANK,), "vera_lambda_d"),
+                               "lambda_b": ArraySpec((OUT,), "vera_lambda_b")})
+    # PEFT's layout: A (r, max_in), B (max_out, r); stored as base_model.vera_A / vera_B
+    shared_arrays = MappingProxyType({"a": ArraySpec((RANK, IN), "vera_A"), "b": ArraySpec((OUT, RANK), "vera_B")})
 
     def make_shared(self, max_in: int, max_out: int) -> dict[str, Array]:
         a, b = vera_projections(self.rank, max_in, max_out, self.seed)
@@ -120,5 +130,7 @@ class VeRA:
         h = (x @ a.astype(dt)) * params["lambda_d"].astype(dt)
         return (h @ b.astype(dt)) * params["lambda_b"].astype(dt)
 
-    def output_scale(self, w: Any, params: dict[str, Array], cache: Any = None) -> None:
-        return None
+    def forward(self, x: Array, y: Array, bias: Array | None, params: dict[str, Array],
+                frozen: FrozenInputs) -> Array:
+        """``y + (((x @ Aᵀ) ⊙ λ_d) @ Bᵀ) ⊙ λ_b``, cast to ``y``'s dtype."""
+        return y + self.branch(x, params, frozen.shared).astype(y.dtype)

@@ -229,10 +229,16 @@ class NF4Array:
     give a valid one-layer ``NF4Array``): ``shape``, ``dtype`` (name of the original dtype),
     ``block_size``, ``double_quant``.  Here ``n = prod(shape)`` and
     ``n_blocks = ceil(n / block_size)``.
+
+    When the array stores a Flax kernel (made by :func:`lowrank_jax.quantize`), three more static
+    fields say how to turn the stored torch-layout ``(out, in)`` matrix back into it:
+    ``kernel_layout`` (the per-layer :class:`~lowrank_jax.Layout`, ``stack=0``), ``kernel_shape``
+    (the per-layer kernel shape) and ``compute_dtype`` (the dtype a layer dequantizes to, ``None``:
+    the original dtype). They are ``None`` for a plain matrix quantized with :func:`quantize`.
     """
 
     __slots__ = ("packed", "absmax", "nested_absmax", "offset", "shape", "dtype", "block_size",
-                 "double_quant")
+                 "double_quant", "kernel_layout", "kernel_shape", "compute_dtype")
 
     packed: Any
     absmax: Any
@@ -242,15 +248,24 @@ class NF4Array:
     dtype: str
     block_size: int
     double_quant: bool
+    kernel_layout: Any
+    kernel_shape: tuple[int, ...] | None
+    compute_dtype: str | None
 
     def __init__(self, packed: Any, absmax: Any, nested_absmax: Any, offset: Any, *,
-                 shape: tuple[int, ...], dtype: str, block_size: int, double_quant: bool):
-        # No validation here: jax rebuilds pytrees with tracers / placeholders as children.
+                 shape: tuple[int, ...], dtype: str, block_size: int, double_quant: bool,
+                 kernel_layout: Any = None, kernel_shape: tuple[int, ...] | None = None,
+                 compute_dtype: str | None = None):
+        # No validation of the children here: jax rebuilds pytrees with tracers / placeholders as
+        # children; :func:`check` validates a concrete or abstract array before use.
         for name, value in (("packed", packed), ("absmax", absmax),
                             ("nested_absmax", nested_absmax), ("offset", offset),
                             ("shape", tuple(int(s) for s in shape)), ("dtype", str(dtype)),
                             ("block_size", int(block_size)),
-                            ("double_quant", bool(double_quant))):
+                            ("double_quant", bool(double_quant)),
+                            ("kernel_layout", kernel_layout),
+                            ("kernel_shape", None if kernel_shape is None else tuple(int(s) for s in kernel_shape)),
+                            ("compute_dtype", compute_dtype)):
             object.__setattr__(self, name, value)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -261,14 +276,33 @@ class NF4Array:
         GA = jax.tree_util.GetAttrKey
         children = ((GA("packed"), self.packed), (GA("absmax"), self.absmax),
                     (GA("nested_absmax"), self.nested_absmax), (GA("offset"), self.offset))
-        return children, (self.shape, self.dtype, self.block_size, self.double_quant)
+        return children, self._aux()
+
+    def _aux(self) -> tuple:
+        return (self.shape, self.dtype, self.block_size, self.double_quant, self.kernel_layout,
+                self.kernel_shape, self.compute_dtype)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        shape, dtype, block_size, double_quant = aux
+        shape, dtype, block_size, double_quant, kernel_layout, kernel_shape, compute_dtype = aux
         packed, absmax, nested_absmax, offset = children
         return cls(packed, absmax, nested_absmax, offset, shape=shape, dtype=dtype,
-                   block_size=block_size, double_quant=double_quant)
+                   block_size=block_size, double_quant=double_quant, kernel_layout=kernel_layout,
+                   kernel_shape=kernel_shape, compute_dtype=compute_dtype)
+
+    def replace(self, **changes: Any) -> "NF4Array":
+        """A copy with some children or static fields replaced."""
+        fields = {"packed": self.packed, "absmax": self.absmax, "nested_absmax": self.nested_absmax,
+                  "offset": self.offset, "shape": self.shape, "dtype": self.dtype,
+                  "block_size": self.block_size, "double_quant": self.double_quant,
+                  "kernel_layout": self.kernel_layout, "kernel_shape": self.kernel_shape,
+                  "compute_dtype": self.compute_dtype}
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise TypeError(f"NF4Array.replace: unknown fields {sorted(unknown)}")
+        fields.update(changes)
+        return NF4Array(fields.pop("packed"), fields.pop("absmax"), fields.pop("nested_absmax"),
+                        fields.pop("offset"), **fields)
 
     # -- derived properties ------------------------------------------------------------------
     @property
@@ -342,6 +376,56 @@ def _check_finite(x: jax.Array) -> None:
 def _check_nf4(q: Any, what: str = "q") -> None:
     if not isinstance(q, NF4Array):
         raise TypeError(f"{what} must be an NF4Array, got {type(q).__name__}")
+    check(q, what)
+
+
+def check(q: NF4Array, what: str = "NF4Array") -> None:
+    """Raise ``ValueError`` naming ``what`` unless ``q``'s children fit its static description.
+
+    Checked (shapes and dtypes only, so it works on tracers and abstract arrays): ``packed`` is
+    uint8 ``(*batch, ceil(n/2))``; ``absmax`` is float32 ``(*batch, n_blocks)`` (uint8 codes under
+    double quantization, with float32 ``nested_absmax (*batch, ceil(n_blocks/256))`` and ``offset
+    (*batch,)``, both ``None`` otherwise); ``block_size`` positive and even; ``dtype`` a float
+    dtype; a kernel layout, if any, consistent with ``shape``. A hand-built or edited array that
+    breaks any of these would otherwise dequantize to garbage.
+    """
+    def fail(msg: str) -> None:
+        raise ValueError(f"{what}: {msg} ({q!r})")
+
+    if q.block_size <= 0 or q.block_size % 2:
+        fail(f"block_size must be a positive even number, got {q.block_size}")
+    if q.dtype not in _FLOAT_DTYPES:
+        fail(f"dtype must be one of {_FLOAT_DTYPES}, got {q.dtype!r}")
+    if len(q.shape) < 1 or any(d < 1 for d in q.shape):
+        fail(f"shape must be non-empty with positive dims, got {q.shape}")
+    for name in ("packed", "absmax"):
+        if not hasattr(getattr(q, name), "shape"):
+            fail(f"{name} must be an array, got {type(getattr(q, name)).__name__}")
+    batch = tuple(q.packed.shape[:-1])
+    if q.packed.ndim < 1 or jnp.dtype(q.packed.dtype) != jnp.uint8 or q.packed.shape[-1] != -(-q.size // 2):
+        fail(f"packed must be uint8 (*batch, {-(-q.size // 2)}), got {q.packed.dtype}{tuple(q.packed.shape)}")
+    want_abs = (jnp.uint8 if q.double_quant else jnp.float32)
+    if tuple(q.absmax.shape) != batch + (q.n_blocks,) or jnp.dtype(q.absmax.dtype) != want_abs:
+        fail(f"absmax must be {jnp.dtype(want_abs).name}{batch + (q.n_blocks,)} for block_size {q.block_size}, "
+             f"double_quant={q.double_quant}; got {q.absmax.dtype}{tuple(q.absmax.shape)}")
+    if q.double_quant:
+        n_nested = -(-q.n_blocks // _NESTED_BLOCK)
+        for name, want in (("nested_absmax", batch + (n_nested,)), ("offset", batch)):
+            v = getattr(q, name)
+            if v is None or tuple(getattr(v, "shape", ())) != want or jnp.dtype(v.dtype) != jnp.float32:
+                fail(f"double_quant=True needs {name} float32{want}, got "
+                     f"{None if v is None else f'{v.dtype}{tuple(v.shape)}'}")
+    elif q.nested_absmax is not None or q.offset is not None:
+        fail("double_quant=False but nested_absmax/offset are set")
+    if q.kernel_layout is not None or q.kernel_shape is not None:
+        if q.kernel_layout is None or q.kernel_shape is None:
+            fail("kernel_layout and kernel_shape must be given together")
+        if len(q.kernel_shape) != q.kernel_layout.ndim or q.kernel_layout.stack != 0:
+            fail(f"kernel_shape {q.kernel_shape} does not fit kernel_layout {q.kernel_layout}")
+        n_in, n_out = q.kernel_layout.matrix_shape(q.kernel_shape)
+        if q.shape != (n_out, n_in):
+            fail(f"a kernel of shape {q.kernel_shape} with {q.kernel_layout} is the (out, in) matrix "
+                 f"{(n_out, n_in)}, but shape is {q.shape}")
 
 
 # --------------------------------------------------------------------------------------------
