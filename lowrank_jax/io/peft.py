@@ -247,8 +247,14 @@ def _lora_config(modules, tensors: dict, kinds) -> dict[str, Any]:
     per_module = [(mod, node.method.rank, node.method.alpha) for _, node, mods in modules for mod in mods]
     r_default = Counter(r for _, r, _ in per_module).most_common(1)[0][0]
     a_default = Counter(a for _, _, a in per_module).most_common(1)[0][0]
-    rank_pattern = {re.escape(mod): r for mod, r, _ in per_module if r != r_default}
-    alpha_pattern = {re.escape(mod): _number(a) for mod, _, a in per_module if a != a_default}
+    # PEFT matches a pattern key against every module *suffix* ("(.*\.)?(key)$"): "^" pins each key to its
+    # own full module name, so "enc.fc1" never picks up the rank of a module named "fc1".
+    rank_pattern = {"^" + re.escape(mod): r for mod, r, _ in per_module if r != r_default}
+    alpha_pattern = {"^" + re.escape(mod): _number(a) for mod, _, a in per_module if a != a_default}
+    for mod, r, a in per_module:
+        got = (_pattern_value(rank_pattern, mod, r_default), _pattern_value(alpha_pattern, mod, a_default))
+        if got != (r, a):  # pragma: no cover - a safety net for the anchoring above
+            raise ValueError(f"peft.save: module {mod!r} would read rank/alpha {got} from the patterns, not {(r, a)}")
     for _, node, mods in modules:
         stack = node.layout.stack_shape(node.shape)
         a_l, b_l = _per_layer(node["a"], stack), _per_layer(node["b"], stack)
@@ -301,10 +307,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     cpath = path / CONFIG_NAME
     if not cpath.exists():
         raise FileNotFoundError(f"{cpath}: missing (not a PEFT adapter directory?)")
-    try:
-        config = json.loads(cpath.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{cpath}: not valid JSON ({e})") from None
+    config = fmt.load_json(cpath.read_bytes(), str(cpath))
     if not isinstance(config, dict):
         raise ValueError(f"{cpath}: expected a JSON object")
     return config
@@ -334,9 +337,11 @@ def load(path: str | os.PathLike, params: Any, *, name_map: NameMap | None = Non
     if not wpath.exists():
         raise FileNotFoundError(f"{wpath}: missing")
     tensors, _ = fmt.read_safetensors(wpath)
-    peft_type = str(config.get("peft_type", "")).upper()
+    peft_type = fmt.json_str(config.get("peft_type"), cname, "peft_type").upper()
     if peft_type not in ("LORA", "VERA"):
         raise ValueError(f"{cname}: peft_type {config.get('peft_type')!r} is not supported (LORA, VERA)")
+    if not isinstance(config.get("modules_to_save"), (list, type(None))):
+        raise fmt.json_error(cname, "modules_to_save", "a list of module names or null", config["modules_to_save"])
     if config.get("modules_to_save"):
         raise ValueError(f"{cname}: modules_to_save={config['modules_to_save']!r} (fully trained modules) is not "
                          "supported; load those weights into the base params yourself")
@@ -344,6 +349,7 @@ def load(path: str | os.PathLike, params: Any, *, name_map: NameMap | None = Non
     fn = _as_callable(name_map)
     leaves, _ = flatten_with_paths(params)
     by_module: dict[str, tuple[str, int]] = {}
+    clashes: dict[str, list[tuple[str, int]]] = {}  # torch modules that several kernels (or layers) map to
     leaf_of: dict[str, Any] = {}
     for p, leaf in leaves:
         if getattr(leaf, "ndim", 0) < 2:
@@ -353,7 +359,11 @@ def load(path: str | os.PathLike, params: Any, *, name_map: NameMap | None = Non
             continue
         leaf_of[p] = leaf
         for i, n in enumerate(names):
-            by_module.setdefault(_module(n), (p, i))
+            m = _module(n)
+            if m in by_module:
+                clashes.setdefault(m, [by_module[m]]).append((p, i))
+            else:
+                by_module[m] = (p, i)
 
     # Group tensors by module.
     suffixes = _LORA_SUFFIXES if peft_type == "LORA" else _VERA_SUFFIXES
@@ -369,6 +379,10 @@ def load(path: str | os.PathLike, params: Any, *, name_map: NameMap | None = Non
                              f"'{PREFIX}<module>' + one of {sorted(suffixes)}; biases, embeddings and "
                              "modules_to_save cannot be loaded)")
         module = key[len(PREFIX):-len(hit[0])]
+        if hit[1] in per_module.get(module, {}):
+            raise ValueError(f"{wpath}: module {module!r} has two {hit[1]!r} tensors (e.g. "
+                             f"'.lora_magnitude_vector' and '.lora_magnitude_vector.weight'); which one is meant "
+                             "is ambiguous")
         per_module.setdefault(module, {})[hit[1]] = value
     if not per_module:
         raise ValueError(f"{wpath}: holds no adapter tensors")
@@ -380,6 +394,10 @@ def load(path: str | os.PathLike, params: Any, *, name_map: NameMap | None = Non
             near = [m for m in by_module if m.rsplit(".", 1)[-1] == module.rsplit(".", 1)[-1]][:5]
             raise ValueError(f"{wpath}: PEFT module {module!r} has no kernel in params under this name_map"
                              + (f" (mapped modules with that name: {near})" if near else ""))
+        if module in clashes:
+            who = ", ".join(f"{q}" + (f" (layer {j})" if j else "") for q, j in clashes[module])
+            raise ValueError(f"{wpath}: PEFT module {module!r} is ambiguous: under this name_map it is the torch "
+                             f"module of {who}; make name_map give each kernel its own module name")
         p, i = by_module[module]
         grouped.setdefault(p, {})[i] = (module, arrays)
 
@@ -389,8 +407,8 @@ def load(path: str | os.PathLike, params: Any, *, name_map: NameMap | None = Non
     else:
         adapter_items, frozen = _load_vera(config, cname, wpath, grouped, leaf_of, layouts, shared, params)
 
-    from lowrank_jax.tree import _path_keys, path_str
-    key_paths = {path_str(kp): _path_keys(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    from lowrank_jax.paths import key_value, path_str
+    key_paths = {path_str(kp): [key_value(k) for k in kp] for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
     adapter: dict = {}
     for p, node in adapter_items:
         cur = adapter
@@ -417,20 +435,50 @@ def _layer_arrays(p: str, entries: dict, n: int, wpath: Path) -> list[tuple[str,
     return [entries[i] for i in range(n)]
 
 
+def _cfg(config: Mapping[str, Any], cname: str, key: str, default: Any, check: Callable[..., Any], **kw) -> Any:
+    """``config[key]`` (``default`` when absent or null), type- and range-checked by a ``fmt.json_*`` check."""
+    v = config.get(key)
+    return default if v is None else check(v, cname, key, **kw)
+
+
+def _cfg_patterns(config: Mapping[str, Any], cname: str, key: str, check: Callable[..., Any], **kw) -> dict:
+    """``rank_pattern`` / ``alpha_pattern``: an object of valid regexes to checked values."""
+    pattern = config.get(key)
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, dict):
+        raise fmt.json_error(cname, key, "an object {module regex: value}", pattern)
+    for k, v in pattern.items():
+        try:
+            re.compile(rf"(.*\.)?({k})$")
+        except re.error as e:
+            raise ValueError(f"{cname}: {key} key {k!r} is not a valid regular expression ({e})") from None
+        check(v, cname, f"{key}[{k!r}]", **kw)
+    return pattern
+
+
+def _float_tensor(x: np.ndarray, wpath: Path, module: str, what: str) -> np.ndarray:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{wpath}: module {module!r}: {what} is {x.dtype}, expected a floating-point tensor")
+    return x.astype(np.float32)
+
+
 def _load_lora(config, cname, wpath, grouped, leaf_of, layouts) -> list[tuple[str, AdapterParams]]:
     init = config.get("init_lora_weights", True)
+    if not isinstance(init, (bool, str)):
+        raise fmt.json_error(cname, "init_lora_weights", "true, false or an init name", init)
     if isinstance(init, str) and init.lower().startswith(_BASE_MUTATING_INITS):
         raise ValueError(f"{cname}: init_lora_weights={init!r} changes the base weights in PEFT; convert the "
                          "adapter first (save_pretrained(path_initial_model_for_weight_conversion=...))")
-    if config.get("lora_bias"):
+    if _cfg(config, cname, "lora_bias", False, fmt.json_bool):
         raise ValueError(f"{cname}: lora_bias=true is not supported")
-    use_dora = bool(config.get("use_dora", False))
-    rslora = bool(config.get("use_rslora", False))
-    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
-    r_default = int(config.get("r", 8))
-    a_default = float(config.get("lora_alpha", 8))
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
+    use_dora = _cfg(config, cname, "use_dora", False, fmt.json_bool)
+    rslora = _cfg(config, cname, "use_rslora", False, fmt.json_bool)
+    dropout = _cfg(config, cname, "lora_dropout", 0.0, fmt.json_number, below_one=True)
+    r_default = _cfg(config, cname, "r", 8, fmt.json_int, lo=1)
+    a_default = _cfg(config, cname, "lora_alpha", 8.0, fmt.json_number, positive=True)
+    rank_pattern = _cfg_patterns(config, cname, "rank_pattern", fmt.json_int, lo=1)
+    alpha_pattern = _cfg_patterns(config, cname, "alpha_pattern", fmt.json_number, positive=True)
 
     specs = []  # (path, layout, shape, dtype, rank, alpha, a, b, m)
     for p, entries in grouped.items():
@@ -444,8 +492,8 @@ def _load_lora(config, cname, wpath, grouped, leaf_of, layouts) -> list[tuple[st
                 raise ValueError(f"{wpath}: module {module!r} has tensors {sorted(arrays)}, expected "
                                  f"{sorted(need)} for {'DoRA' if use_dora else 'LoRA'}")
             A, B = arrays["A"], arrays["B"]
-            r = A.shape[0]
-            if A.shape != (r, n_in) or B.shape != (n_out, r):
+            r = A.shape[0] if A.ndim else 0
+            if r < 1 or A.shape != (r, n_in) or B.shape != (n_out, r):
                 raise ValueError(f"{wpath}: module {module!r}: lora_A {A.shape} / lora_B {B.shape} do not fit {p} "
                                  f"(kernel {shape}, (in, out) = ({n_in}, {n_out})); expected ({r}, {n_in}) / "
                                  f"({n_out}, {r})")
@@ -457,10 +505,10 @@ def _load_lora(config, cname, wpath, grouped, leaf_of, layouts) -> list[tuple[st
                                  f"{arrays['m'].shape}, {p} needs ({n_out},)")
             ranks.add(r)
             alphas.add(float(_pattern_value(alpha_pattern, module, a_default)))
-            a_l.append(A.T.astype(np.float32))
-            b_l.append(B.T.astype(np.float32))
+            a_l.append(_float_tensor(A, wpath, module, "lora_A").T)
+            b_l.append(_float_tensor(B, wpath, module, "lora_B").T)
             if use_dora:
-                m_l.append(arrays["m"].astype(np.float32))
+                m_l.append(_float_tensor(arrays["m"], wpath, module, "lora_magnitude_vector"))
         if len(ranks) > 1 or len(alphas) > 1:
             raise ValueError(f"{wpath}: the layers of the stacked kernel {p} have different ranks/alphas "
                              f"{sorted(ranks)}/{sorted(alphas)}; one stacked kernel needs one method")
@@ -483,11 +531,20 @@ def _load_lora(config, cname, wpath, grouped, leaf_of, layouts) -> list[tuple[st
             for p, layout, shape, dtype, r, a, arrays in specs]
 
 
+# Regenerated VeRA projections may take at most this multiple of (adapter file + model params) bytes.
+VERA_PROJECTION_BUDGET = 64
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(tree))
+
+
 def _load_vera(config, cname, wpath, grouped, leaf_of, layouts, shared, params):
-    r = int(config.get("r", 256))
-    seed = int(config.get("projection_prng_key", 0))
-    method = VeRA(rank=r, seed=seed, d_initial=float(config.get("d_initial", 0.1)),
-                  dropout=float(config.get("vera_dropout", 0.0) or 0.0),
+    r = _cfg(config, cname, "r", 256, fmt.json_int, lo=1)
+    seed = _cfg(config, cname, "projection_prng_key", 0, fmt.json_int, lo=0, hi=2**32 - 1)
+    _cfg(config, cname, "save_projection", True, fmt.json_bool)
+    method = VeRA(rank=r, seed=seed, d_initial=_cfg(config, cname, "d_initial", 0.1, fmt.json_number),
+                  dropout=_cfg(config, cname, "vera_dropout", 0.0, fmt.json_number, below_one=True),
                   targets=tuple(re.escape(p) for p in sorted(grouped)))
     specs = []
     max_in = max_out = 0
@@ -503,20 +560,30 @@ def _load_vera(config, cname, wpath, grouped, leaf_of, layouts, shared, params):
             if arrays["lambda_d"].shape != (r,) or arrays["lambda_b"].shape != (n_out,):
                 raise ValueError(f"{wpath}: module {module!r}: vera_lambda_d {arrays['lambda_d'].shape} / "
                                  f"vera_lambda_b {arrays['lambda_b'].shape}; {p} needs ({r},) / ({n_out},)")
-            ds.append(arrays["lambda_d"].astype(np.float32))
-            bs.append(arrays["lambda_b"].astype(np.float32))
+            ds.append(_float_tensor(arrays["lambda_d"], wpath, module, "vera_lambda_d"))
+            bs.append(_float_tensor(arrays["lambda_b"], wpath, module, "vera_lambda_b"))
         arrays = {"lambda_d": np.stack(ds).reshape(stack + (r,)) if stack else ds[0],
                   "lambda_b": np.stack(bs).reshape(stack + (n_out,)) if stack else bs[0]}
         specs.append((p, layout, shape, str(leaf.dtype), arrays))
     if shared:
         if set(shared) != {"A", "B"}:
             raise ValueError(f"{wpath}: has only one of base_model.vera_A / vera_B")
-        a_sh, b_sh = shared["A"].astype(np.float32), shared["B"].astype(np.float32)
-        if a_sh.shape[0] != r or b_sh.shape[1] != r or a_sh.shape[1] < max_in or b_sh.shape[0] < max_out:
+        a_sh = _float_tensor(shared["A"], wpath, "base_model", "vera_A")
+        b_sh = _float_tensor(shared["B"], wpath, "base_model", "vera_B")
+        if a_sh.ndim != 2 or b_sh.ndim != 2 or a_sh.shape[0] != r or b_sh.shape[1] != r \
+                or a_sh.shape[1] < max_in or b_sh.shape[0] < max_out:
             raise ValueError(f"{wpath}: vera_A {a_sh.shape} / vera_B {b_sh.shape} do not cover rank {r} and the "
                              f"targets' max (in, out) = ({max_in}, {max_out})")
         a_sh, b_sh = a_sh[:, :max_in], b_sh[:max_out]
     else:
+        need = 4 * r * (max_in + max_out)
+        budget = VERA_PROJECTION_BUDGET * (wpath.stat().st_size + _nbytes(params))
+        if need > budget:
+            raise ValueError(
+                f"{cname}: r={r} without saved projections needs vera_A ({r}, {max_in}) and vera_B ({max_out}, {r}): "
+                f"{need / 2**20:.1f} MiB of float32, more than {VERA_PROJECTION_BUDGET}x the adapter file plus the "
+                f"model params ({budget / 2**20:.1f} MiB); refusing to allocate it. If the rank is right, save the "
+                "adapter with save_projection=True")
         a_sh, b_sh = vera_projections(r, max_in, max_out, seed)
     name = "vera_0"
     if not isinstance(params, Mapping):
