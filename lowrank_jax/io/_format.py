@@ -4,6 +4,13 @@ Nothing here is pickled or ``eval``-ed: arrays travel as raw little-endian bytes
 layout, everything else as JSON whose values are re-validated by the method classes' own
 constructors on load.
 
+Every file is untrusted input. :func:`load_json` parses JSON refusing repeated keys, ``NaN`` /
+``Infinity`` and nesting deeper than :data:`MAX_JSON_DEPTH`; ``json_bool`` / ``json_int`` /
+``json_number`` / ``json_str`` / ``json_shape`` check one value each and raise a ``ValueError``
+``"<file>: <key> must be <expected>, got <value> (<type>)"`` (a JSON ``"false"`` is not a boolean,
+``8.0`` or ``"8"`` not an integer). Method fields are checked against their annotations before the
+constructor runs.
+
 safetensors layout (https://github.com/huggingface/safetensors). Written here without the library:
 ``safetensors.numpy.load`` / ``safetensors.flax.load`` of bytes raise ``KeyError: 'BF16'`` in
 safetensors 0.8 (bfloat16 adapters over bf16 bases must round-trip), and every defect of a file must
@@ -24,6 +31,8 @@ import json
 import math
 import os
 import shutil
+import types
+import typing
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -34,6 +43,116 @@ import numpy as np
 
 from lowrank_jax.adapter import AdapterParams
 from lowrank_jax.layout import Layout
+
+# ------------------------------------------------------------------------------------ untrusted JSON
+
+MAX_JSON_DEPTH = 64
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return (text[:120] + "…") if len(text) > 120 else text
+
+
+def json_error(where: str, key: str, expected: str, got: Any) -> ValueError:
+    """The ``ValueError`` of a bad value in a file: ``"<where>: <key> must be <expected>, got <value> (<type>)"``."""
+    return ValueError(f"{where}: {key} must be {expected}, got {_short(got)} ({type(got).__name__})")
+
+
+def check_json_depth(obj: Any, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` when ``obj`` nests deeper than :data:`MAX_JSON_DEPTH` levels."""
+    stack = [(obj, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels; refusing it")
+        if isinstance(x, dict):
+            stack.extend((v, depth + 1) for v in x.values())
+        elif isinstance(x, list):
+            stack.extend((v, depth + 1) for v in x)
+
+
+def load_json(data: bytes | str, where: str) -> Any:
+    """Parse the JSON text of a file as untrusted input.
+
+    Raises ``ValueError`` naming ``where`` for: invalid UTF-8 or JSON ("corrupt or truncated"),
+    a key repeated in one object (JSON parsers silently keep the last one), ``NaN``/``Infinity`` or
+    numbers that overflow to infinity, and nesting deeper than :data:`MAX_JSON_DEPTH` levels (no
+    ``RecursionError`` ever escapes).
+    """
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in items:
+            if k in out:
+                raise ValueError(f"{where}: key {k!r} appears twice in one JSON object")
+            out[k] = v
+        return out
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{where}: {name} is not a JSON number (non-finite values are refused)")
+
+    def number(text: str) -> float:
+        v = float(text)
+        if not math.isfinite(v):
+            raise ValueError(f"{where}: number {text[:40]} overflows to infinity")
+        return v
+
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+        obj = json.loads(text, object_pairs_hook=pairs, parse_constant=constant, parse_float=number)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: corrupt or truncated: not valid UTF-8 ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: corrupt or truncated: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels; refusing it") from None
+    check_json_depth(obj, where)
+    return obj
+
+
+def json_bool(v: Any, where: str, key: str) -> bool:
+    """``v`` if it is a JSON boolean (the string ``"false"`` is not), else :func:`json_error`."""
+    if not isinstance(v, bool):
+        raise json_error(where, key, "true or false", v)
+    return v
+
+
+def json_int(v: Any, where: str, key: str, lo: int | None = None, hi: int | None = None) -> int:
+    """``v`` if it is a JSON integer (not a bool, not ``8.0``, not ``"8"``) in ``[lo, hi]``."""
+    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = (f" in [{lo}, {hi}]" if lo is not None and hi is not None else
+                  f" >= {lo}" if lo is not None else f" <= {hi}" if hi is not None else "")
+        raise json_error(where, key, f"an integer{bounds}", v)
+    return v
+
+
+def json_number(v: Any, where: str, key: str, *, positive: bool = False, below_one: bool = False) -> float:
+    """``float(v)`` for a finite JSON number (not a bool or string); ``positive``: ``> 0``;
+    ``below_one``: in ``[0, 1)`` (a probability such as dropout)."""
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    if ok and positive and not v > 0:
+        ok = False
+    if ok and below_one and not 0 <= v < 1:
+        ok = False
+    if not ok:
+        what = "a finite number" + (" > 0" if positive else "") + (" in [0, 1)" if below_one else "")
+        raise json_error(where, key, what, v)
+    return float(v)
+
+
+def json_str(v: Any, where: str, key: str) -> str:
+    """``v`` if it is a JSON string."""
+    if not isinstance(v, str):
+        raise json_error(where, key, "a string", v)
+    return v
+
+
+def json_shape(v: Any, where: str, key: str) -> tuple[int, ...]:
+    """``tuple(v)`` for a JSON list of integers >= 0 (an array shape)."""
+    if not isinstance(v, list) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in v):
+        raise json_error(where, key, "a list of integers >= 0 (a shape)", v)
+    return tuple(v)
+
 
 # ------------------------------------------------------------------------------------ safetensors
 
@@ -83,8 +202,10 @@ def safetensors_dumps(tensors: Mapping[str, Any], metadata: Mapping[str, str] | 
 def safetensors_loads(data: bytes, where: str = "<bytes>") -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Parse safetensors bytes into ``({name: numpy array}, metadata)``.
 
-    Raises ``ValueError`` naming ``where`` and the defect (truncation, bad header JSON, unknown dtype,
-    offsets that do not tile the data section, trailing bytes).
+    Raises ``ValueError`` naming ``where`` and the defect (truncation, bad header JSON, a tensor
+    name given twice, unknown dtype, a shape or offset that is not a list of non-negative integers,
+    non-string metadata, offsets that do not tile the data section, trailing bytes). Every array
+    is a copy of a slice of ``data``: nothing is allocated beyond twice the size of the input.
     """
     size = len(data)
     if size < 8:
@@ -93,26 +214,31 @@ def safetensors_loads(data: bytes, where: str = "<bytes>") -> tuple[dict[str, np
     if n > _MAX_HEADER or 8 + n > size:
         raise ValueError(f"{where}: corrupt or truncated safetensors file: header length field says {n} bytes "
                          f"but the file has {size} bytes")
-    try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{where}: corrupt safetensors header (not valid UTF-8 JSON: {e})") from None
+    header = load_json(bytes(data[8:8 + n]), f"{where} (safetensors header)")
     if not isinstance(header, dict):
         raise ValueError(f"{where}: corrupt safetensors header (expected a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise ValueError(f"{where}: corrupt safetensors header (__metadata__ is not an object)")
+    for k, v in metadata.items():
+        json_str(v, where, f"__metadata__[{k!r}]")
     body = memoryview(data)[8 + n:]
     entries = []
     for name, info in header.items():
-        try:
-            dt = _ST_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{where}: corrupt safetensors header entry for tensor {name!r}: {info!r}") from None
-        if any(s < 0 for s in shape) or end - begin != math.prod(shape) * dt.itemsize:
-            raise ValueError(f"{where}: tensor {name!r}: shape {list(shape)} of {info['dtype']} needs "
+        key = f"tensor {name!r}"
+        if not isinstance(info, dict):
+            raise json_error(where, key, "an object with dtype, shape and data_offsets", info)
+        dtype = info.get("dtype")
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+            raise json_error(where, f"{key} dtype", f"one of {sorted(_ST_DTYPES)}", dtype)
+        dt = _ST_DTYPES[dtype]
+        shape = json_shape(info.get("shape"), where, f"{key} shape")
+        offsets = info.get("data_offsets")
+        if not isinstance(offsets, list) or len(offsets) != 2:
+            raise json_error(where, f"{key} data_offsets", "a list [begin, end]", offsets)
+        begin, end = (json_int(x, where, f"{key} data_offsets", lo=0) for x in offsets)
+        if end - begin != math.prod(shape) * dt.itemsize:
+            raise ValueError(f"{where}: tensor {name!r}: shape {list(shape)} of {dtype} needs "
                              f"{math.prod(shape) * dt.itemsize} bytes but its offsets span {end - begin}")
         entries.append((begin, end, name, dt, shape))
     entries.sort()
@@ -127,7 +253,7 @@ def safetensors_loads(data: bytes, where: str = "<bytes>") -> tuple[dict[str, np
         raise ValueError(f"{where}: safetensors file {what}: the header describes {pos} data bytes, "
                          f"the file holds {len(body)}")
     arrays = {name: np.frombuffer(body[b:e], dtype=dt).reshape(shape).copy() for b, e, name, dt, shape in entries}
-    return arrays, {str(k): str(v) for k, v in metadata.items()}
+    return arrays, dict(metadata)
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -277,12 +403,50 @@ def _value_from_json(v: Any) -> Any:
     return v
 
 
+def _hint_matches(value: Any, hint: Any) -> bool:
+    """Does the JSON-decoded ``value`` (lists already tuples) fit the field annotation ``hint``?
+
+    Understood: ``bool``, ``int`` (not bool), ``float`` (int or float, not bool), ``str``, ``None``,
+    unions, ``tuple[X, ...]`` and dataclasses; anything else (``Any``, …) is left to the
+    class's constructor.
+    """
+    if hint is Any:
+        return True
+    if hint is type(None) or hint is None:
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_hint_matches(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_hint_matches(v, args[0]) for v in value)
+        return len(args) == len(value) and all(_hint_matches(v, a) for v, a in zip(value, args))
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
+    return True
+
+
 def method_from_json(d: Any) -> Any:
-    """Inverse of :func:`method_to_json` (the class's constructor re-validates every field)."""
+    """Inverse of :func:`method_to_json`.
+
+    Each field value must fit the field's annotation (``"rslora": "false"`` is not a bool,
+    ``"rank": 8.0`` not an int: see :func:`_hint_matches`), then the class's constructor
+    re-validates every field; failures raise ``ValueError`` naming the class and field.
+    """
     if not isinstance(d, dict) or set(d) != {"class", "fields"} or not isinstance(d["fields"], dict):
-        raise ValueError(f"not a method description: {d!r}")
+        raise ValueError(f"not a method description: {_short(d)}")
     registry = _method_registry()
-    cls = registry.get(d["class"])
+    cls = registry.get(d["class"]) if isinstance(d["class"], str) else None
     if cls is None:
         raise ValueError(f"unknown method class {d['class']!r} (known: {sorted(registry)}; custom classes "
                          "must be registered with lowrank_jax.io.register_method)")
@@ -291,9 +455,19 @@ def method_from_json(d: Any) -> Any:
     if unknown:
         raise ValueError(f"{d['class']}: unknown fields {sorted(unknown)} (this version has {sorted(names)})")
     try:
-        return cls(**{k: _value_from_json(v) for k, v in d["fields"].items()})
+        hints = typing.get_type_hints(cls)
+    except Exception:  # pragma: no cover - unresolvable annotations: the constructor alone validates
+        hints = {}
+    values = {k: _value_from_json(v) for k, v in d["fields"].items()}
+    for k, v in values.items():
+        if k in hints and not _hint_matches(v, hints[k]):
+            want = hints[k].__name__ if isinstance(hints[k], type) else str(hints[k])
+            raise ValueError(f"{d['class']}: field {k!r} must be {want}, got {_short(d['fields'][k])} "
+                             f"({type(d['fields'][k]).__name__})")
+    try:
+        return cls(**values)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"invalid {d['class']} description {d['fields']!r}: {e}") from None
+        raise ValueError(f"invalid {d['class']} description {_short(d['fields'])}: {e}") from None
 
 
 def layout_to_json(layout: Layout) -> dict[str, Any]:
@@ -301,10 +475,15 @@ def layout_to_json(layout: Layout) -> dict[str, Any]:
 
 
 def layout_from_json(d: Any) -> Layout:
+    """A :class:`~lowrank_jax.Layout` from ``{"in_axes": [ints], "out_axes": [ints], "stack": int}`` (strict types)."""
+    if not isinstance(d, dict) or set(d) != {"in_axes", "out_axes", "stack"}:
+        raise ValueError(f"invalid layout description {_short(d)}: expected keys in_axes, out_axes, stack")
     try:
-        return Layout(in_axes=tuple(d["in_axes"]), out_axes=tuple(d["out_axes"]), stack=int(d["stack"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"invalid layout description {d!r}: {e}") from None
+        return Layout(in_axes=json_shape(d["in_axes"], "layout", "in_axes"),
+                      out_axes=json_shape(d["out_axes"], "layout", "out_axes"),
+                      stack=json_int(d["stack"], "layout", "stack", lo=0))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"invalid layout description {_short(d)}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------ adapter <-> JSON
@@ -330,8 +509,9 @@ def _key_parts(path: tuple) -> list[str | int]:
 def describe_adapter(adapter: Any, *, with_arrays: bool = True) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """``(nodes, tensors)``: the JSON description of every adapter node and its arrays by tensor name.
 
-    Tensor names are the ``/``-joined node path plus the array name (``enc/layer_0/query/kernel/a``).
-    The adapter must be a nested dict (as :func:`lowrank_jax.init` makes) with
+    Tensor names are the ``/``-joined node path plus the array name (``enc/layer_0/query/kernel/a``);
+    two arrays whose names would coincide (keys holding ``/``, or ``0`` and ``"0"``) raise
+    ``ValueError`` naming both. The adapter must be a nested dict (as :func:`lowrank_jax.init` makes) with
     :class:`~lowrank_jax.AdapterParams` leaves.
     """
     import jax
@@ -348,14 +528,18 @@ def describe_adapter(adapter: Any, *, with_arrays: bool = True) -> tuple[list[di
 
     nodes: list[dict[str, Any]] = []
     tensors: dict[str, np.ndarray] = {}
+    owner: dict[str, tuple[list, str]] = {}
     for path, node in walk(adapter, ()):
         parts = _key_parts(path)
         base = "/".join(str(p) for p in parts)
         arrays = {}
         for name, value in node.params.items():
             tname = f"{base}/{name}" if base else name
-            if tname in tensors:
-                raise ValueError(f"adapter: two arrays map to the tensor name {tname!r}")
+            if tname in owner:
+                raise ValueError(f"adapter: array {owner[tname][1]!r} of node {owner[tname][0]!r} and array "
+                                 f"{name!r} of node {parts!r} both map to the tensor name {tname!r} (a key "
+                                 "holding '/', or an int and a str key that print alike); rename one of the keys")
+            owner[tname] = (parts, name)
             arr = np.asarray(value) if with_arrays else value
             tensors[tname] = arr
             arrays[name] = {"tensor": tname, "shape": [int(s) for s in arr.shape], "dtype": np.dtype(arr.dtype).name}
@@ -388,47 +572,77 @@ def check_node_arrays(path: str, node: AdapterParams, where: str) -> None:
 
 
 def node_from_json(d: Any, where: str) -> tuple[list, AdapterParams | None, dict[str, dict]]:
-    """``(path keys, AdapterParams with no arrays yet, array specs)`` from one node description."""
+    """``(path keys, AdapterParams with no arrays yet, array specs)`` from one node description.
+
+    Every value is type-checked (path: non-empty list of str/int keys; shape: list of ints >= 0;
+    dtype: a dtype name; shared: str or null; arrays: ``{name: {"tensor": str, "shape": [...],
+    "dtype": str}}``); errors are ``ValueError`` naming ``where`` and the key.
+    """
+    if not isinstance(d, dict):
+        raise json_error(where, "node", "an object", d)
+    missing = sorted({"path", "method", "layout", "shape", "dtype", "shared", "arrays"} - set(d))
+    if missing:
+        raise ValueError(f"{where}: malformed node description (missing {missing}): {_short(d)}")
+    parts = d["path"]
+    if not isinstance(parts, list) or not parts or any(isinstance(p, bool) or not isinstance(p, (str, int))
+                                                        for p in parts):
+        raise json_error(where, "node path", "a non-empty list of string or integer keys", parts)
+    pstr = "/".join(map(str, parts))
+    shape = json_shape(d["shape"], where, f"{pstr}: shape")
+    dtype = json_str(d["dtype"], where, f"{pstr}: dtype")
     try:
-        parts = list(d["path"])
-        method = method_from_json(d["method"])
-        layout = layout_from_json(d["layout"])
-        shape = tuple(int(s) for s in d["shape"])
-        dtype = d["dtype"]
-        if not isinstance(dtype, str):
-            raise TypeError(f"dtype {dtype!r} is not a string")
         import jax.numpy as jnp
         jnp.dtype(dtype)
-        shared = d["shared"]
-        arrays = dict(d["arrays"])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{where}: malformed node description ({type(e).__name__}: {e}): {str(d)[:300]}") from None
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    if any(isinstance(p, bool) or not isinstance(p, (str, int)) for p in parts) or not parts:
-        raise ValueError(f"{where}: malformed node path {parts!r}")
-    if shared is not None and not isinstance(shared, str):
-        raise ValueError(f"{where}: malformed shared name {shared!r}")
+    except TypeError:
+        raise json_error(where, f"{pstr}: dtype", "a dtype name", dtype) from None
+    shared = d["shared"]
+    if shared is not None:
+        json_str(shared, where, f"{pstr}: shared")
+    arrays = d["arrays"]
+    if not isinstance(arrays, dict):
+        raise json_error(where, f"{pstr}: arrays", "an object", arrays)
+    for name, spec in arrays.items():
+        key = f"{pstr}: arrays[{name!r}]"
+        if not isinstance(spec, dict):
+            raise json_error(where, key, "an object with tensor, shape and dtype", spec)
+        json_str(spec.get("tensor"), where, f"{key}.tensor")
+        json_shape(spec.get("shape"), where, f"{key}.shape")
+        json_str(spec.get("dtype"), where, f"{key}.dtype")
     try:
-        layout.check(shape, "/".join(map(str, parts)))
+        method = method_from_json(d["method"])
+        layout = layout_from_json(d["layout"])
+        layout.check(shape, pstr)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    return parts, AdapterParams({}, method, layout, shape, dtype, shared), arrays
+        raise ValueError(f"{where}: {pstr}: {e}") from None
+    return list(parts), AdapterParams({}, method, layout, shape, dtype, shared), dict(arrays)
 
 
 def build_adapter(nodes: list[Any], fetch, where: str) -> dict:
-    """Re-create the adapter dict from node descriptions; ``fetch(tensor_name, spec)`` returns each array."""
+    """Re-create the adapter dict from node descriptions; ``fetch(tensor_name, spec, path, name)`` returns each array.
+
+    Names must be unambiguous: two nodes whose paths read alike (``["a", 0]`` and ``["a", "0"]``,
+    ``["a/b"]`` and ``["a", "b"]``) and two arrays naming one tensor are refused with a ``ValueError``.
+    """
     if not isinstance(nodes, list) or not nodes:
         raise ValueError(f"{where}: the description lists no adapter nodes")
     adapter: dict = {}
+    seen_paths: dict[str, list] = {}
+    seen_tensors: dict[str, str] = {}
     for d in nodes:
         parts, empty, specs = node_from_json(d, where)
         pstr = "/".join(map(str, parts))
+        if pstr in seen_paths:
+            raise ValueError(f"{where}: node paths {seen_paths[pstr]!r} and {parts!r} both read as {pstr!r}; "
+                             "two adapter nodes cannot share a path")
+        seen_paths[pstr] = parts
         arrays = {}
         for name, spec in specs.items():
-            if not isinstance(spec, dict) or "tensor" not in spec:
-                raise ValueError(f"{where}: {pstr}: malformed array spec for {name!r}: {spec!r}")
-            arrays[name] = fetch(spec["tensor"], spec, pstr, name)
+            tname = spec["tensor"]
+            if tname in seen_tensors:
+                raise ValueError(f"{where}: tensor {tname!r} is named by both {seen_tensors[tname]} and "
+                                 f"{pstr}/{name}; every array needs its own tensor")
+            seen_tensors[tname] = f"{pstr}/{name}"
+            arrays[name] = fetch(tname, spec, pstr, name)
         node = AdapterParams(arrays, empty.method, empty.layout, empty.shape, empty.dtype, empty.shared)
         check_node_arrays(pstr, node, where)
         cur = adapter
@@ -438,7 +652,7 @@ def build_adapter(nodes: list[Any], fetch, where: str) -> dict:
                 raise ValueError(f"{where}: node paths overlap at {pstr}")
             cur = nxt
         if parts[-1] in cur:
-            raise ValueError(f"{where}: duplicate node path {pstr}")
+            raise ValueError(f"{where}: node paths overlap at {pstr}")
         cur[parts[-1]] = node
     return adapter
 

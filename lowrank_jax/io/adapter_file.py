@@ -35,6 +35,12 @@ pure function of ``(rank, max_in, max_out, seed)``, see :func:`lowrank_jax.vera_
 Writes are atomic: both files are written and fsynced in a temporary sibling directory, which is then
 renamed to ``path``. Loads verify the sha256 of the tensor file and of the JSON, so flipped bytes,
 truncation, or hand edits are reported as a ``ValueError`` naming the file and the defect.
+
+Both files are untrusted input: every JSON value is type- and range-checked (``8.0`` is not an
+integer, ``"false"`` is not a boolean, repeated keys, ``NaN`` and nesting deeper than 64 levels
+are refused), the tensor file's size is compared with ``adapter.json`` before it is read, every
+tensor must be named by exactly one array and every array must name its own tensor, and node paths
+must read differently once ``/``-joined.
 """
 
 from __future__ import annotations
@@ -89,6 +95,7 @@ def save_adapter(path: str | os.PathLike, adapter: Any, *, metadata: Mapping[str
         meta = json.loads(json.dumps(dict(metadata or {}), allow_nan=False))
     except (TypeError, ValueError) as e:
         raise TypeError(f"save_adapter: metadata must be JSON-serializable: {e}") from None
+    fmt.check_json_depth(meta, "save_adapter: metadata")
     doc: dict[str, Any] = {
         "format": FORMAT_NAME,
         "version": fmt.FORMAT_VERSION,
@@ -117,16 +124,12 @@ def _read_doc(path: Path) -> dict[str, Any]:
     jpath = path / ADAPTER_JSON
     if not jpath.exists():
         raise FileNotFoundError(f"{jpath}: missing (not a lowrank_jax adapter directory?)")
-    raw = jpath.read_bytes()
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{jpath}: corrupt or truncated: not valid JSON ({e})") from None
+    doc = fmt.load_json(jpath.read_bytes(), str(jpath))
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise ValueError(f"{jpath}: not a lowrank_jax adapter description (format is "
                          f"{doc.get('format') if isinstance(doc, dict) else type(doc).__name__!r})")
     version = doc.get("version")
-    if not isinstance(version, int) or version > fmt.FORMAT_VERSION or version < 1:
+    if isinstance(version, bool) or not isinstance(version, int) or version > fmt.FORMAT_VERSION or version < 1:
         raise ValueError(f"{jpath}: format version {version!r} is not supported by this library "
                          f"(reads versions 1..{fmt.FORMAT_VERSION})")
     checksum = doc.pop("checksum", None)
@@ -165,26 +168,35 @@ def load_adapter(path: str | os.PathLike, frozen: Any = None) -> dict:
     tinfo = doc.get("tensors")
     if not isinstance(tinfo, dict) or tinfo.get("file") != ADAPTER_TENSORS:
         raise ValueError(f"{jpath}: malformed 'tensors' entry {tinfo!r}")
+    size = fmt.json_int(tinfo.get("bytes"), str(jpath), "tensors.bytes", lo=0)
+    digest = fmt.json_str(tinfo.get("sha256"), str(jpath), "tensors.sha256")
     tpath = path / ADAPTER_TENSORS
     if not tpath.exists():
         raise FileNotFoundError(f"{tpath}: missing")
+    on_disk = tpath.stat().st_size
+    if on_disk != size:  # checked before reading: a huge file is never read into memory
+        raise ValueError(f"{tpath}: truncated or extended: {on_disk} bytes, {jpath.name} says {size}")
     blob = tpath.read_bytes()
-    if len(blob) != tinfo.get("bytes"):
-        raise ValueError(f"{tpath}: truncated or extended: {len(blob)} bytes, {jpath.name} says {tinfo.get('bytes')}")
-    if _sha256(blob) != tinfo.get("sha256"):
+    if _sha256(blob) != digest:
         raise ValueError(f"{tpath}: corrupted: sha256 of the file does not match the one recorded in {jpath.name}")
     tensors, _ = fmt.safetensors_loads(blob, str(tpath))
+    used: set[str] = set()
 
     def fetch(tname: str, spec: dict, pstr: str, name: str) -> jax.Array:
         if tname not in tensors:
             raise ValueError(f"{tpath}: tensor {tname!r} (array {name!r} of {pstr}) is missing")
         arr = tensors[tname]
-        if list(arr.shape) != list(spec.get("shape", [])) or arr.dtype.name != spec.get("dtype"):
+        if list(arr.shape) != list(spec["shape"]) or arr.dtype.name != spec["dtype"]:
             raise ValueError(f"{tpath}: tensor {tname!r} is {arr.dtype.name}{list(arr.shape)} but {jpath.name} "
-                             f"says {spec.get('dtype')}{spec.get('shape')}")
+                             f"says {spec['dtype']}{spec['shape']}")
+        used.add(tname)
         return jnp.asarray(arr)
 
     adapter = fmt.build_adapter(doc.get("nodes"), fetch, str(jpath))
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise ValueError(f"{tpath}: holds tensors no node of {jpath.name} names: {extra[:5]}"
+                         + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
     if frozen is not None:
         check_adapter_fits(adapter, frozen, where=str(path))
     return adapter
