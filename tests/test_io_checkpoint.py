@@ -152,6 +152,7 @@ def test_failed_save_in_process(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="injected"):
         ck.save(2, adapter, opt)
     monkeypatch.undo()
+    ck.close()  # one writer per directory: the lock passes to the next checkpointer
     fresh = TrainCheckpointer(tmp_path / "ckpt")
     assert fresh.all_steps() == [1]
     assert fresh.restore(adapter_like=adapter, opt_state_like=opt)[0] == 1
