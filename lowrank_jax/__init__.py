@@ -11,7 +11,7 @@ from lowrank_jax.adapter import AdapterParams
 from lowrank_jax.execution import DORA_PRE_SCALE, LayerSpec, apply, discover
 from lowrank_jax.io import load_adapter, save_adapter
 from lowrank_jax.layout import Layout
-from lowrank_jax.methods import DoRA, LoRA, VeRA, vera_projections
+from lowrank_jax.methods import DoRA, DVoRA, LoRA, VeRA, vera_projections
 from lowrank_jax.quant import nf4
 from lowrank_jax.quant.config import NF4
 from lowrank_jax.quant.kernels import quantize
@@ -31,6 +31,7 @@ __all__ = [
     "save_adapter",
     "load_adapter",
     "DoRA",
+    "DVoRA",
     "Layout",
     "LoRA",
     "NF4",

@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from lowrank_jax.adapter import AdapterParams, is_adapter

@@ -13,7 +13,6 @@ or per-kernel caches (DoRA's ``‖W0_j‖²``), one extra top-level entry ``SHAR
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any

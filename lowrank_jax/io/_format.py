@@ -344,9 +344,9 @@ def atomic_write_dir(path: str | os.PathLike, files: Mapping[str, bytes], *, ove
 # ------------------------------------------------------------------------------------ JSON of methods
 
 def _method_registry() -> dict[str, type]:
-    from lowrank_jax.methods import DoRA, LoRA, VeRA
+    from lowrank_jax.methods import DoRA, DVoRA, LoRA, VeRA
     from lowrank_jax.quant.config import NF4
-    return {"LoRA": LoRA, "DoRA": DoRA, "VeRA": VeRA, "NF4": NF4, **_EXTRA_CLASSES}
+    return {"LoRA": LoRA, "DoRA": DoRA, "VeRA": VeRA, "DVoRA": DVoRA, "NF4": NF4, **_EXTRA_CLASSES}
 
 
 _EXTRA_CLASSES: dict[str, type] = {}

@@ -52,10 +52,9 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lowrank_jax.io import _format as fmt
-from lowrank_jax.tree import SHARED_KEY, _is_frozen_leaf, adapter_nodes, base_params, flatten_with_paths
+from lowrank_jax.tree import fitted_nodes
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_info", "check_adapter_fits",
            "ADAPTER_JSON", "ADAPTER_TENSORS"]
@@ -202,51 +201,12 @@ def load_adapter(path: str | os.PathLike, frozen: Any = None) -> dict:
     return adapter
 
 
-def _frozen_kernel_shape(leaf: Any) -> tuple[int, ...] | None:
-    if _is_frozen_leaf(leaf):
-        return None
-    return tuple(getattr(leaf, "shape", ()))
-
-
 def check_adapter_fits(adapter: Any, frozen: Any, *, where: str = "adapter") -> None:
-    """Raise ``ValueError`` unless every adapter node has a matching kernel (and shared arrays) in ``frozen``.
-
-    Checks: the node path exists in ``frozen``; its kernel has the node's shape (an NF4-quantized kernel
-    must hold the node's ``(*stack, out, in)`` matrix); VeRA nodes find their shared projections under
-    ``frozen[SHARED_KEY][name]`` large enough for the node's ``(in, out)`` and of the node's rank.
+    """Raise ``ValueError`` unless every adapter node fits ``frozen`` — the same check as
+    :func:`lowrank_jax.merge` and :func:`lowrank_jax.apply` (:func:`lowrank_jax.tree.check_fit`): the
+    path exists, the kernel (or NF4 kernel) has the node's shape and layout, every array has the shape
+    its method declares, VeRA/DVoRA find their shared projections large enough and of their rank.
     Messages name the path and both shapes.
     """
-    base = base_params(frozen)
-    leaves, _ = flatten_with_paths(base, is_leaf=_is_frozen_leaf)
-    index = dict(leaves)
-    shared = frozen.get(SHARED_KEY, {}) if isinstance(frozen, Mapping) else {}
-    for p, node in adapter_nodes(adapter):
-        if p not in index:
-            near = [q for q in index if q.rsplit("/", 1)[-1] == p.rsplit("/", 1)[-1]][:5]
-            raise ValueError(f"{where}: adapter path {p!r} does not exist in the frozen tree"
-                             + (f" (kernels there include {near})" if near else ""))
-        leaf = index[p]
-        n_in, n_out = node.layout.matrix_shape(node.shape)
-        stack = node.layout.stack_shape(node.shape)
-        if _is_frozen_leaf(leaf):
-            got = tuple(leaf.batch_shape) + tuple(leaf.shape)
-            want = stack + (n_out, n_in)
-            if got != want:
-                raise ValueError(f"{where}: {p}: frozen NF4 kernel holds a {got} matrix, the adapter was made "
-                                 f"for {want} (kernel {node.shape})")
-        else:
-            got = _frozen_kernel_shape(leaf)
-            if got != node.shape:
-                raise ValueError(f"{where}: {p}: frozen kernel has shape {got}, the adapter was made for "
-                                 f"shape {node.shape}")
-        if node.shared is not None:
-            sh = shared.get(node.shared) if isinstance(shared, Mapping) else None
-            if sh is None:
-                raise ValueError(f"{where}: {p}: needs shared arrays {node.shared!r} under "
-                                 f"frozen[{SHARED_KEY!r}], which are missing")
-            rank = getattr(node.method, "rank", None)
-            a_shape, b_shape = tuple(np.shape(sh["a"])), tuple(np.shape(sh["b"]))
-            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != rank or b_shape[1] != rank \
-                    or a_shape[1] < n_in or b_shape[0] < n_out:
-                raise ValueError(f"{where}: {p}: shared projections {node.shared!r} have shapes a={a_shape}, "
-                                 f"b={b_shape}; this node needs a=({rank}, >={n_in}), b=(>={n_out}, {rank})")
+    fitted_nodes(frozen, adapter, where)
+

@@ -62,7 +62,8 @@ from lowrank_jax.adapter import AdapterParams
 from lowrank_jax.io import _format as fmt
 from lowrank_jax.layout import Layout
 from lowrank_jax.methods import DoRA, LoRA, VeRA, vera_projections
-from lowrank_jax.tree import SHARED_KEY, _is_frozen_leaf, adapter_nodes, flatten_with_paths, merge, resolve_layout
+from lowrank_jax.quant.kernels import is_quantized, kernel_shape_of, layout_of
+from lowrank_jax.tree import SHARED_KEY, adapter_nodes, flatten_with_paths, merge, resolve_layout
 
 __all__ = ["save", "load", "merged_export", "default_name_map", "bert_name_map", "llama_name_map",
            "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -347,12 +348,12 @@ def load(path: str | os.PathLike, params: Any, *, name_map: NameMap | None = Non
                          "supported; load those weights into the base params yourself")
 
     fn = _as_callable(name_map)
-    leaves, _ = flatten_with_paths(params)
+    leaves, _ = flatten_with_paths(params, is_leaf=is_quantized)
     by_module: dict[str, tuple[str, int]] = {}
     clashes: dict[str, list[tuple[str, int]]] = {}  # torch modules that several kernels (or layers) map to
     leaf_of: dict[str, Any] = {}
     for p, leaf in leaves:
-        if getattr(leaf, "ndim", 0) < 2:
+        if not is_quantized(leaf) and getattr(leaf, "ndim", 0) < 2:
             continue
         names = _names(fn, p, None)
         if names is None:
@@ -408,7 +409,8 @@ def load(path: str | os.PathLike, params: Any, *, name_map: NameMap | None = Non
         adapter_items, frozen = _load_vera(config, cname, wpath, grouped, leaf_of, layouts, shared, params)
 
     from lowrank_jax.paths import key_value, path_str
-    key_paths = {path_str(kp): [key_value(k) for k in kp] for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    key_paths = {path_str(kp): [key_value(k) for k in kp]
+                 for kp, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]}
     adapter: dict = {}
     for p, node in adapter_items:
         cur = adapter
@@ -420,9 +422,13 @@ def load(path: str | os.PathLike, params: Any, *, name_map: NameMap | None = Non
 
 
 def _target_geometry(p: str, leaf: Any, layouts: Any) -> tuple[tuple[int, ...], Layout, tuple[int, ...], int, int]:
-    """``(shape, layout, stack, n_in, n_out)`` of the kernel at ``p`` as the adapter sees it."""
-    shape = tuple(leaf.shape)
-    layout = resolve_layout(p, shape, layouts)
+    """``(shape, layout, stack, n_in, n_out)`` of the kernel at ``p`` as the adapter sees it (an NF4
+    kernel carries its own layout)."""
+    if is_quantized(leaf):
+        shape, layout = kernel_shape_of(leaf), layout_of(leaf)
+    else:
+        shape = tuple(leaf.shape)
+        layout = resolve_layout(p, shape, layouts)
     n_in, n_out = layout.matrix_shape(shape)
     return shape, layout, layout.stack_shape(shape), n_in, n_out
 
@@ -621,8 +627,8 @@ def merged_export(path: str | os.PathLike, frozen: Any, adapter: Any, name_map: 
     merged = merge(frozen, adapter)
     node_layouts = {p: n.layout for p, n in adapter_nodes(adapter)}
     tensors: dict[str, np.ndarray] = {}
-    for p, leaf in flatten_with_paths(merged, is_leaf=_is_frozen_leaf)[0]:
-        if _is_frozen_leaf(leaf):
+    for p, leaf in flatten_with_paths(merged, is_leaf=is_quantized)[0]:
+        if is_quantized(leaf):
             raise ValueError(f"merged_export: {p} is NF4-quantized and has no adapter; dequantize it first")
         leaf_name = p.rsplit("/", 1)[-1]
         arr = np.asarray(leaf)

@@ -220,32 +220,46 @@ class DoRA(_LowRank):
         return magnitude_scale(_up(params["m"]), n)
 
     def output_scale(self, w: Array, params: dict[str, Array], cache: Array | None = None) -> Array:
-        """``m / ‖W0 + s·A@B‖_col`` computed without an ``(in, out)`` temporary.
-
-        ``‖V'_j‖² = ‖W0_j‖² + 2s·⟨(AᵀW0)_j, B_j⟩ + s²·B_jᵀ (AᵀA) B_j`` — costs one ``(r, out)`` and one
-        ``(r, r)`` product; ``‖W0_j‖²`` may be supplied precomputed as ``cache``.
-        """
-        a = _up(params["a"])
-        b = _up(params["b"])
-        s = self.scaling
-        w = _up(w)
-        w_sq = jnp.sum(w * w, axis=0) if cache is None else cache
-        cross = jnp.sum((a.T @ w) * b, axis=0)                # ⟨(AᵀW0)_{:,j}, B_{:,j}⟩, (out,)
-        quad = jnp.sum(b * ((a.T @ a) @ b), axis=0)           # B_jᵀ (AᵀA) B_j, (out,)
-        return self._scale(jnp.sqrt(jnp.maximum(w_sq + 2.0 * s * cross + s * s * quad, 0.0)), params)
+        """``m / ‖W0 + s·A@B‖_col`` computed without an ``(in, out)`` temporary (:func:`factored_sq_norm`);
+        ``‖W0_j‖²`` may be supplied precomputed as ``cache``."""
+        sq = factored_sq_norm(w, _up(params["a"]), _up(params["b"]), self.scaling, cache)
+        return self._scale(jnp.sqrt(sq), params)
 
     def forward(self, x: Array, y: Array, bias: Array | None, params: dict[str, Array],
                 frozen: FrozenInputs) -> Array:
         """``k ⊙ (y − bias + s·(x@A)@B) + bias`` with ``k = m / ‖W0 + s·A@B‖_col`` (no ``(in, out)``
-        temporary); the pre-scale sum is named :data:`DORA_PRE_SCALE` for remat policies."""
-        adt = x.dtype
+        temporary; :func:`rescaled_output`)."""
         scale = self.output_scale(frozen.kernel(), params, frozen.cache)
-        y_nobias = y - bias.astype(y.dtype) if bias is not None else y
-        pre = checkpoint_name(y_nobias.astype(adt) + self.branch(x, params), DORA_PRE_SCALE)
-        out = pre * scale.astype(adt)[None, :]
-        if bias is not None:
-            out = out + bias.astype(adt)
-        return out.astype(y.dtype)
+        return rescaled_output(y, bias, self.branch(x, params), scale)
+
+
+def rescaled_output(y: Array, bias: Array | None, branch: Array, scale: Array) -> Array:
+    """``k ⊙ (y − bias + branch) + bias`` in the branch's dtype, cast back to ``y``'s: the factored
+    output of a magnitude/direction method (DoRA, DVoRA) given its base output ``y = x@W0 + bias``,
+    its additive branch and ``k = m / ‖W0 + ΔW‖_col``. The pre-scale sum is named
+    :data:`DORA_PRE_SCALE` (the magnitude's gradient needs it) for remat policies."""
+    adt = branch.dtype
+    y_nobias = y - bias.astype(y.dtype) if bias is not None else y
+    pre = checkpoint_name(y_nobias.astype(adt) + branch, DORA_PRE_SCALE)
+    out = pre * scale.astype(adt)[None, :]
+    if bias is not None:
+        out = out + bias.astype(adt)
+    return out.astype(y.dtype)
+
+
+def factored_sq_norm(w: Array, a: Array, b: Array, s: float, w_sq: Array | None = None) -> Array:
+    """``‖W0 + s·A@B‖²_col`` without forming the ``(in, out)`` sum (float32, ``(out,)``)::
+
+        ‖V'_j‖² = ‖W0_j‖² + 2s·⟨(AᵀW0)_j, B_j⟩ + s²·B_jᵀ (AᵀA) B_j
+
+    one ``(r, out)`` and one ``(r, r)`` product; ``w_sq = ‖W0_j‖²`` may be given precomputed.
+    Clamped at 0 against rounding.
+    """
+    w = _up(w)
+    w_sq = jnp.sum(w * w, axis=0) if w_sq is None else w_sq
+    cross = jnp.sum((a.T @ w) * b, axis=0)                # ⟨(AᵀW0)_{:,j}, B_{:,j}⟩
+    quad = jnp.sum(b * ((a.T @ a) @ b), axis=0)           # B_jᵀ (AᵀA) B_j
+    return jnp.maximum(w_sq + 2.0 * s * cross + s * s * quad, 0.0)
 
 
 def magnitude_scale(m: Array, n: Array) -> Array:
