@@ -6,7 +6,7 @@
     y = lowrank_jax.apply(model, {"params": frozen}, adapter, x)   # factored: never forms W0 + ΔW
 """
 
-from lowrank_jax import io, sharding, train
+from lowrank_jax import analysis, arithmetic, io, sharding, sweep, train
 from lowrank_jax.adapter import AdapterParams
 from lowrank_jax.execution import DORA_PRE_SCALE, LayerSpec, apply, discover
 from lowrank_jax.io import load_adapter, save_adapter
@@ -26,6 +26,9 @@ __all__ = [
     "apply",
     "discover",
     "train",
+    "analysis",
+    "arithmetic",
+    "sweep",
     "sharding",
     "io",
     "save_adapter",

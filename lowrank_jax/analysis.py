@@ -324,8 +324,8 @@ def _low_rank_factors(update: Any, frozen: Any, what: str, dora: bool = True) ->
 
 @jax.jit
 def _spectrum(left: Array, right: Array) -> Array:
-    from lowrank_jax.arithmetic import _factored_svd    # QR of both factors, SVD of the r × r core
-    return _factored_svd(left, right, 1.0)[1]
+    from lowrank_jax.arithmetic import factored_svd    # QR of both factors, SVD of the r × r core
+    return factored_svd(left, right, 1.0)[1]
 
 
 def update_spectrum(update: Any, *, frozen: Any = None) -> Array:

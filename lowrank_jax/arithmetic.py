@@ -308,7 +308,7 @@ def _with_report(pieces: tuple[Array, ...]) -> tuple[Array, Array, Spectrum]:
     return a, b, Spectrum(kept=kept, discarded=discarded, rel_error=rel)
 
 
-def _factored_svd(a: Array, b: Array, s: float) -> tuple[Array, Array, Array]:
+def factored_svd(a: Array, b: Array, s: float) -> tuple[Array, Array, Array]:
     """``(L, σ, R)`` with ``s·A@B = L·diag(σ)·R`` (σ descending), never forming ``A@B``.
 
     ``A = Q_a R_a``, ``Bᵀ = Q_b R_b`` (reduced QR), ``s·R_a R_bᵀ = U Σ Vᵀ`` (a ``(p, q)`` core,
@@ -323,7 +323,7 @@ def _factored_svd(a: Array, b: Array, s: float) -> tuple[Array, Array, Array]:
 
 @functools.partial(jax.jit, static_argnames="k")
 def _truncate_kernel(a: Array, b: Array, s: Array, s_new: Array, k: int) -> tuple[Array, ...]:
-    return _split(*_factored_svd(a, b, s), k, s_new)
+    return _split(*factored_svd(a, b, s), k, s_new)
 
 
 @functools.partial(jax.jit, static_argnames="k")
