@@ -257,14 +257,7 @@ def _lora_config(modules, tensors: dict, kinds) -> dict[str, Any]:
         if got != (r, a):  # pragma: no cover - a safety net for the anchoring above
             raise ValueError(f"peft.save: module {mod!r} would read rank/alpha {got} from the patterns, not {(r, a)}")
     for _, node, mods in modules:
-        stack = node.layout.stack_shape(node.shape)
-        a_l, b_l = _per_layer(node["a"], stack), _per_layer(node["b"], stack)
-        m_l = _per_layer(node["m"], stack) if use_dora else [None] * len(mods)
-        for mod, a, b, m in zip(mods, a_l, b_l, m_l):
-            tensors[f"{PREFIX}{mod}.lora_A.weight"] = np.ascontiguousarray(a.T)
-            tensors[f"{PREFIX}{mod}.lora_B.weight"] = np.ascontiguousarray(b.T)
-            if m is not None:
-                tensors[f"{PREFIX}{mod}.lora_magnitude_vector"] = m
+        _node_tensors(node, mods, tensors)
     return {"peft_type": "LORA", "r": r_default, "lora_alpha": _number(a_default), "lora_dropout": dropout,
             "use_rslora": rslora, "use_dora": use_dora, "rank_pattern": rank_pattern,
             "alpha_pattern": alpha_pattern, "init_lora_weights": True, "lora_bias": False}
@@ -285,22 +278,32 @@ def _vera_config(modules, tensors: dict, frozen: Any) -> dict[str, Any]:
                                  f"expects ({method.rank}, {max_in}) and ({max_out}, {method.rank}) for these targets")
     if a_sh is None:
         a_sh, b_sh = vera_projections(method.rank, max_in, max_out, method.seed)
-    tensors["base_model.vera_A"] = a_sh
-    tensors["base_model.vera_B"] = b_sh
+    for name, arr in (("a", a_sh), ("b", b_sh)):           # PEFT's layout is ours for the projections
+        tensors["base_model." + method.shared_arrays[name].peft] = arr
     for _, node, mods in modules:
-        stack = node.layout.stack_shape(node.shape)
-        for mod, ld, lb in zip(mods, _per_layer(node["lambda_d"], stack), _per_layer(node["lambda_b"], stack)):
-            tensors[f"{PREFIX}{mod}.vera_lambda_d"] = ld
-            tensors[f"{PREFIX}{mod}.vera_lambda_b"] = lb
+        _node_tensors(node, mods, tensors)
     return {"peft_type": "VERA", "r": method.rank, "projection_prng_key": method.seed, "save_projection": True,
             "vera_dropout": method.dropout, "d_initial": method.d_initial, "init_weights": True}
 
 
+def _node_tensors(node: AdapterParams, mods: Sequence[str], tensors: dict) -> None:
+    """One node's PEFT tensors, named and laid out from its method's array declaration
+    (``<module>.<ArraySpec.peft>``; 2-D arrays transposed to torch's layout), one set per stacked layer."""
+    stack = node.layout.stack_shape(node.shape)
+    for name, spec in node.method.arrays.items():
+        for mod, arr in zip(mods, _per_layer(node[name], stack)):
+            tensors[f"{PREFIX}{mod}.{spec.peft}"] = np.ascontiguousarray(arr.T) if arr.ndim == 2 else arr
+
+
+def _peft_suffixes(*methods: type) -> dict[str, str]:
+    """``{".<PEFT tensor suffix>": array name}`` from the methods' array declarations."""
+    return {"." + spec.peft: name for cls in methods for name, spec in cls.arrays.items() if spec.peft}
+
+
 # -------------------------------------------------------------------------------------------- load
 
-_LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "m",
-                  ".lora_magnitude_vector.weight": "m"}
-_VERA_SUFFIXES = {".vera_lambda_d": "lambda_d", ".vera_lambda_b": "lambda_b"}
+_LORA_SUFFIXES = {**_peft_suffixes(LoRA, DoRA), ".lora_magnitude_vector.weight": "m"}   # + PEFT's older spelling
+_VERA_SUFFIXES = _peft_suffixes(VeRA)
 _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
@@ -493,11 +496,11 @@ def _load_lora(config, cname, wpath, grouped, leaf_of, layouts) -> list[tuple[st
         layers = _layer_arrays(p, entries, math.prod(stack), wpath)
         a_l, b_l, m_l, ranks, alphas = [], [], [], set(), set()
         for module, arrays in layers:
-            need = {"A", "B", "m"} if use_dora else {"A", "B"}
+            need = set((DoRA if use_dora else LoRA).arrays)
             if set(arrays) != need:
                 raise ValueError(f"{wpath}: module {module!r} has tensors {sorted(arrays)}, expected "
                                  f"{sorted(need)} for {'DoRA' if use_dora else 'LoRA'}")
-            A, B = arrays["A"], arrays["B"]
+            A, B = arrays["a"], arrays["b"]
             r = A.shape[0] if A.ndim else 0
             if r < 1 or A.shape != (r, n_in) or B.shape != (n_out, r):
                 raise ValueError(f"{wpath}: module {module!r}: lora_A {A.shape} / lora_B {B.shape} do not fit {p} "
