@@ -110,6 +110,73 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def _parse_count(text: str) -> float:
+    """``--params``: a number (``1e9``, ``1100048384``) or one with a K/M/B/T suffix (``8B``, ``1.1b``)."""
+    t = text.strip().lower().replace("_", "").replace(",", "")
+    scale = 1.0
+    if t and t[-1] in _SUFFIX:
+        scale, t = _SUFFIX[t[-1]], t[:-1]
+    try:
+        value = float(t) * scale
+    except ValueError:
+        raise ValueError(f"--params: expected a parameter count such as 1e9 or 8B, got {text!r}") from None
+    if not value >= 1:
+        raise ValueError(f"--params: expected a parameter count >= 1, got {text!r}")
+    return value
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """Per-device memory of a training step for full fine-tuning and each adapter method."""
+    import json
+
+    from lowrank_jax import plan as lp
+
+    try:
+        if (args.params is None) == (args.config is None):
+            raise ValueError("give exactly one of --params N or --config NAME")
+        if args.params is not None:
+            spec = lp.params_spec(_parse_count(args.params), hidden=args.hidden, layers=args.layers)
+        else:
+            if args.hidden is not None or args.layers is not None:
+                raise ValueError("--hidden/--layers only shape a --params model; --config has its own shape")
+            spec = lp.model_spec(args.config)
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        fits = tuple(float(g) for g in args.fits.split(",") if g.strip()) if args.fits else ()
+        plans = lp.plan(spec, methods, dtype=args.dtype, optimizer=args.optimizer, rank=args.rank,
+                        vera_rank=args.vera_rank, batch=args.batch, seq=args.seq, remat=args.remat,
+                        devices=args.devices, backend=args.backend, scanned=args.scanned,
+                        keep_grads=args.keep_grads, nf4_head=args.nf4_head, moments_dtype=args.moments_dtype)
+    except ValueError as e:
+        print(f"lowrank-jax plan: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = {"model": {"name": spec.name, "source": spec.source, "n_params": spec.n_params,
+                         "layers": spec.n_layers, "hidden": spec.hidden, "intermediate": spec.intermediate,
+                         "heads": spec.n_heads, "kv_heads": spec.n_kv_heads, "vocab": spec.vocab},
+               "settings": {"dtype": args.dtype, "optimizer": args.optimizer, "moments_dtype": args.moments_dtype,
+                            "rank": args.rank,
+                            "vera_rank": args.vera_rank, "batch": args.batch, "seq": args.seq,
+                            "remat": args.remat, "devices": args.devices, "backend": args.backend,
+                            "scanned": args.scanned, "keep_grads": args.keep_grads, "nf4_head": args.nf4_head},
+               "units": "bytes per device",
+               "plans": [p.as_dict() for p in plans]}
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"{spec.name}: {spec.n_params:,} parameters ({spec.source}); {args.dtype}, {args.optimizer}, "
+          f"rank {args.rank}, {args.batch} x {args.seq} tokens per device, remat {args.remat}, "
+          f"{args.devices} device(s), backend {args.backend}")
+    print("per device, GB = 1e9 bytes (fits: device sizes in GiB); total is not the column sum: gradients and "
+          "saved activations are not alive together (see lowrank_jax.plan)\n")
+    print(lp.format_table(plans, fits))
+    notes = sorted({n for p in plans for n in p.notes})
+    for n in notes:
+        print(f"* {n}")
+    return 0
+
+
 _COMPARE_DEFAULTS = {
     "minilm": {"methods": ("full", "probe", "lora", "dora", "vera", "qlora", "qdora"),
                "steps": 150, "batch_size": 16, "seq_len": 48, "eval_examples": 0},
@@ -154,6 +221,40 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--out", default="compare_out", help="folder for results.json and compare.png")
     cmp.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     cmp.set_defaults(func=_compare)
+
+    from lowrank_jax.plan import BACKENDS, CONFIGS, DTYPES, METHODS, OPTIMIZERS, REMAT
+    pl = sub.add_parser(
+        "plan", help="per-device memory of a training step: full fine-tuning vs every adapter method",
+        description="Print, per device, the weights, gradients, optimizer state, adapters, activations and "
+                    "total of one training step for full fine-tuning and LoRA/DoRA/VeRA/QLoRA/QDoRA "
+                    "(every layer kernel adapted), as a table or --json. Pure arithmetic; the formulas are "
+                    "in lowrank_jax.plan, checked against XLA by benchmarks/plan_vs_xla.py.")
+    pl.add_argument("--params", default=None, help="a parameter count (1e9, 8B): Llama-style shape assumed")
+    pl.add_argument("--config", choices=CONFIGS, default=None,
+                    help="1b TinyLlama-1.1B, 8b Llama-3-8B, 70b Llama-3-70B, smollm2 / minilm reference models")
+    pl.add_argument("--hidden", type=int, default=None, help="with --params: hidden size")
+    pl.add_argument("--layers", type=int, default=None, help="with --params: number of layers")
+    pl.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="weights and activations")
+    pl.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adam")
+    pl.add_argument("--moments-dtype", choices=tuple(DTYPES), default=None,
+                    help="optimizer moments (default: the trainable arrays' dtype, as optax)")
+    pl.add_argument("--methods", "--method", dest="methods", default=",".join(METHODS),
+                    help=f"comma list of {','.join(METHODS)} (default all)")
+    pl.add_argument("--rank", type=int, default=16, help="LoRA/DoRA/QLoRA/QDoRA rank")
+    pl.add_argument("--vera-rank", type=int, default=256)
+    pl.add_argument("--batch", type=int, default=1, help="sequences per device")
+    pl.add_argument("--seq", type=int, default=512, help="tokens per sequence")
+    pl.add_argument("--remat", choices=REMAT, default="none", help="per-layer rematerialization policy")
+    pl.add_argument("--scanned", action="store_true", help="layers under nn.scan (remat works on cpu then)")
+    pl.add_argument("--devices", type=int, default=1, help="FSDP devices")
+    pl.add_argument("--backend", choices=BACKENDS, default="cpu",
+                    help="cpu: XLA:CPU as measured; gpu/tpu: no CPU-specific copies (not measured)")
+    pl.add_argument("--keep-grads", action="store_true",
+                    help="all gradients alive at once (global-norm clipping, accumulation)")
+    pl.add_argument("--nf4-head", action="store_true", help="QLoRA/QDoRA: the LM head in NF4 too (lj.quantize)")
+    pl.add_argument("--fits", default="16,24,80", help="device sizes (GiB) for the fits columns")
+    pl.add_argument("--json", action="store_true", help="print JSON (bytes) instead of the table")
+    pl.set_defaults(func=_plan)
     args = parser.parse_args(argv)
     return args.func(args)
 
