@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax.methods.base import OUT, ArraySpec, FrozenInputs, check_bool
-from lowrank_jax.methods.lora import _up, column_norm, factored_sq_norm, magnitude_scale, rescaled_output
+from lowrank_jax.methods.lora import at_least_f32, column_norm, factored_sq_norm, magnitude_scale, rescaled_output, safe_sqrt
 from lowrank_jax.methods.vera import VeRA
 
 Array = jax.Array
@@ -56,12 +56,12 @@ class DVoRA(VeRA):
     def _factors(self, n_in: int, n_out: int, params: dict[str, Array], shared: dict[str, Array]):
         """``(Ã, B̃) = (Aᵀ ⊙ λ_d, Bᵀ ⊙ λ_b)``, float32, ``(in, r)`` and ``(r, out)``."""
         a, b = self._slices(shared, n_in, n_out)
-        return (_up(a) * _up(params["lambda_d"])[None, :], _up(b) * _up(params["lambda_b"])[None, :])
+        return (at_least_f32(a) * at_least_f32(params["lambda_d"])[None, :], at_least_f32(b) * at_least_f32(params["lambda_b"])[None, :])
 
     def _scale(self, n: Array, params: dict[str, Array]) -> Array:
         if self.detach_norm:
             n = jax.lax.stop_gradient(n)
-        return magnitude_scale(_up(params["m"]), n)
+        return magnitude_scale(at_least_f32(params["m"]), n)
 
     def init_matrix(self, key: Array, w: Array, shared: Any = None) -> tuple[dict[str, Array], None]:
         params, _ = super().init_matrix(key, w, shared)
@@ -69,7 +69,7 @@ class DVoRA(VeRA):
 
     def frozen_cache(self, w: Array) -> Array:
         """``‖W0_j‖²`` (float32, ``(out,)``), as DoRA."""
-        return jnp.sum(jnp.square(_up(w)), axis=0)
+        return jnp.sum(jnp.square(at_least_f32(w)), axis=0)
 
     def merge_matrix(self, w: Array, params: dict[str, Array], shared: dict[str, Array]) -> Array:
         """``W' = m ⊙ V' / ‖V'‖_col`` with ``V' = W0 + (Aᵀ ⊙ λ_d) @ (Bᵀ ⊙ λ_b)`` (float32)."""
@@ -81,5 +81,5 @@ class DVoRA(VeRA):
         """``k ⊙ (y − bias + ((x@Aᵀ) ⊙ λ_d)@Bᵀ ⊙ λ_b) + bias``, ``k = m / ‖W0 + ΔW‖_col`` (factored)."""
         w = frozen.kernel()
         a, b = self._factors(w.shape[0], w.shape[1], params, frozen.shared)
-        scale = self._scale(jnp.sqrt(factored_sq_norm(w, a, b, 1.0, frozen.cache)), params)
+        scale = self._scale(safe_sqrt(factored_sq_norm(w, a, b, 1.0, frozen.cache)), params)
         return rescaled_output(y, bias, self.branch(x, params, frozen.shared), scale)

@@ -50,7 +50,7 @@ DORA_PRE_SCALE = "lowrank_dora_pre_scale"
 _FACTORS = {"a": ArraySpec((IN, RANK), "lora_A.weight"), "b": ArraySpec((RANK, OUT), "lora_B.weight")}
 
 
-def _up(x: Array) -> Array:
+def at_least_f32(x: Array) -> Array:
     """``x`` in at least float32 (float64 stays float64, for reference checks)."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 _INITS = ("kaiming_uniform", "gaussian", "pissa")
@@ -110,7 +110,7 @@ class _LowRank(MethodBase):
 
     def delta_matrix(self, params: dict[str, Array]) -> Array:
         """``ΔW = s · A @ B`` in float32."""
-        return self.scaling * (_up(params["a"]) @ _up(params["b"]))
+        return self.scaling * (at_least_f32(params["a"]) @ at_least_f32(params["b"]))
 
     def branch(self, x: Array, params: dict[str, Array], shared: Any = None) -> Array:
         """Factored adapter output ``s · (x @ A) @ B`` (the scale applied to the thin ``x @ A``)."""
@@ -201,7 +201,7 @@ class DoRA(_LowRank):
     def frozen_cache(self, w: Array) -> Array:
         """``‖W0_j‖²`` (float32, ``(out,)``): ``W0`` is frozen, so the factored norm reads it once per
         step (for ``AᵀW0``) instead of twice."""
-        return jnp.sum(jnp.square(_up(w)), axis=0)
+        return jnp.sum(jnp.square(at_least_f32(w)), axis=0)
 
     def init_matrix(self, key: Array, w: Array, shared: Any = None) -> tuple[dict[str, Array], Array | None]:
         a, b, w_new = self._init_factors(key, w)
@@ -217,13 +217,13 @@ class DoRA(_LowRank):
     def _scale(self, n: Array, params: dict[str, Array]) -> Array:
         if self.detach_norm:
             n = jax.lax.stop_gradient(n)
-        return magnitude_scale(_up(params["m"]), n)
+        return magnitude_scale(at_least_f32(params["m"]), n)
 
     def output_scale(self, w: Array, params: dict[str, Array], cache: Array | None = None) -> Array:
         """``m / ‖W0 + s·A@B‖_col`` computed without an ``(in, out)`` temporary (:func:`factored_sq_norm`);
         ``‖W0_j‖²`` may be supplied precomputed as ``cache``."""
-        sq = factored_sq_norm(w, _up(params["a"]), _up(params["b"]), self.scaling, cache)
-        return self._scale(jnp.sqrt(sq), params)
+        sq = factored_sq_norm(w, at_least_f32(params["a"]), at_least_f32(params["b"]), self.scaling, cache)
+        return self._scale(safe_sqrt(sq), params)
 
     def forward(self, x: Array, y: Array, bias: Array | None, params: dict[str, Array],
                 frozen: FrozenInputs) -> Array:
@@ -255,7 +255,7 @@ def factored_sq_norm(w: Array, a: Array, b: Array, s: float, w_sq: Array | None 
     one ``(r, out)`` and one ``(r, r)`` product; ``w_sq = ‖W0_j‖²`` may be given precomputed.
     Clamped at 0 against rounding.
     """
-    w = _up(w)
+    w = at_least_f32(w)
     w_sq = jnp.sum(w * w, axis=0) if w_sq is None else w_sq
     cross = jnp.sum((a.T @ w) * b, axis=0)                # ⟨(AᵀW0)_{:,j}, B_{:,j}⟩
     quad = jnp.sum(b * ((a.T @ a) @ b), axis=0)           # B_jᵀ (AᵀA) B_j
@@ -275,4 +275,11 @@ def magnitude_scale(m: Array, n: Array) -> Array:
 
 def column_norm(w: Array) -> Array:
     """``‖W‖_col[j] = sqrt(Σ_i W[i, j]²)`` — one value per output unit of an ``(in, out)`` matrix."""
-    return jnp.sqrt(jnp.sum(jnp.square(_up(w)), axis=0))
+    return safe_sqrt(jnp.sum(jnp.square(at_least_f32(w)), axis=0))
+
+
+def safe_sqrt(sq: Array) -> Array:
+    """``sqrt(sq)`` with a zero (not infinite) derivative at ``sq = 0``, so a zero column's norm never
+    puts ``0 · ∞ = NaN`` into a gradient."""
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
