@@ -6,7 +6,7 @@
     y = lowrank_jax.apply(model, {"params": frozen}, adapter, x)   # factored: never forms W0 + ΔW
 """
 
-from lowrank_jax import analysis, arithmetic, io, sharding, sweep, train
+from lowrank_jax import analysis, arithmetic, io, plan, sharding, sweep, train
 from lowrank_jax.adapter import AdapterParams
 from lowrank_jax.execution import DORA_PRE_SCALE, LayerSpec, apply, discover
 from lowrank_jax.io import load_adapter, save_adapter
@@ -29,6 +29,7 @@ __all__ = [
     "analysis",
     "arithmetic",
     "sweep",
+    "plan",
     "sharding",
     "io",
     "save_adapter",

@@ -7,8 +7,12 @@ static *aux data* is the method, the kernel :class:`~lowrank_jax.layout.Layout`,
 ``merge(frozen, adapter)`` needs nothing else, ``jax.grad``/``optax`` see only the arrays, and a jitted
 function is retraced whenever the method changes (the aux data is part of the tree structure).
 
+    >>> import jax, jax.numpy as jnp, lowrank_jax as lj
+    >>> params = {"layer_0": {"query": {"kernel": jnp.ones((16, 8))}}}
+    >>> _, adapter = lj.init(lj.LoRA(rank=2, targets=".*query/kernel"), params, jax.random.key(0))
     >>> node = adapter["layer_0"]["query"]["kernel"]
     >>> node["a"].shape, node.b.shape   # dict-style and attribute access both work
+    ((16, 2), (2, 8))
 """
 
 from __future__ import annotations

@@ -15,8 +15,14 @@ where ``I'`` / ``O'`` combine the mesh axes of the kernel's in / out axes (the m
 them). Under tensor parallelism ``x @ A`` then needs one all-reduce of an ``(tokens, r)`` partial sum,
 which is cheap.
 
-    >>> specs = lowrank_jax.sharding.adapter_specs(adapter, param_specs)   # PartitionSpec tree
-    >>> adapter = jax.device_put(adapter, lowrank_jax.sharding.named(mesh, specs))
+    >>> import jax, jax.numpy as jnp, lowrank_jax as lj
+    >>> from jax.sharding import PartitionSpec as P
+    >>> _, adapter = lj.init(lj.LoRA(rank=2), {"d": {"kernel": jnp.ones((8, 4))}}, jax.random.key(0))
+    >>> specs = lj.sharding.adapter_specs(adapter, {"d": {"kernel": P("data", "model")}})
+    >>> tuple(specs["d"]["kernel"]["a"]), tuple(specs["d"]["kernel"]["b"])
+    (('data', None), (None, 'model'))
+    >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+    >>> adapter = jax.device_put(adapter, lj.sharding.named(mesh, specs))
 """
 
 from __future__ import annotations

@@ -35,7 +35,9 @@ def masked(tx: optax.GradientTransformation, trainable_key: str = "adapter") -> 
     The frozen part has no optimizer state (``optax.multi_transform`` with ``set_to_zero``).
 
     Example:
-      >>> tx = lowrank_jax.train.masked(optax.adam(1e-3))
+      >>> import jax, jax.numpy as jnp, optax, lowrank_jax as lj
+      >>> frozen, adapter = lj.init(lj.LoRA(rank=2), {"d": {"kernel": jnp.ones((4, 4))}}, jax.random.key(0))
+      >>> tx = lj.train.masked(optax.adam(1e-3))
       >>> state = tx.init({"frozen": frozen, "adapter": adapter})
     """
 
@@ -70,7 +72,8 @@ def loraplus(optimizer: Callable[..., optax.GradientTransformation], learning_ra
     everything else (``A``) the slow one.
 
     Example:
-      >>> tx = lowrank_jax.train.loraplus(optax.adamw, 2e-4, ratio=16.0, weight_decay=0.0)
+      >>> import optax, lowrank_jax as lj
+      >>> tx = lj.train.loraplus(optax.adamw, 2e-4, ratio=16.0, weight_decay=0.0)
     """
     if not ratio > 0:
         raise ValueError(f"loraplus: ratio must be > 0, got {ratio!r}")

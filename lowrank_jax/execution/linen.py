@@ -53,7 +53,16 @@ class LayerSpec:
       einsum_str: for ``"einsum"``: the einsum string, or the module attribute holding it.
 
     Example — a custom layer that does ``x @ self.param("w", ...)``:
-      >>> lowrank_jax.apply(model, variables, adapter, x, custom_layers={MyDense: LayerSpec("dense", kernel="w")})
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, lowrank_jax as lj
+      >>> class MyDense(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         return x @ self.param("w", nn.initializers.ones, (x.shape[-1], 3))
+      >>> model, x = MyDense(), jnp.ones((2, 4))
+      >>> frozen, adapter = lj.init(lj.LoRA(rank=1, targets="w"), model.init(jax.random.key(0), x)["params"],
+      ...                           jax.random.key(1))
+      >>> lj.apply(model, {"params": frozen}, adapter, x, custom_layers={MyDense: LayerSpec("dense", kernel="w")}).shape
+      (2, 3)
     """
 
     kind: str = "dense"

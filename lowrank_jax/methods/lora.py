@@ -145,8 +145,12 @@ class LoRA(_LowRank):
         base and adapt a few kernels, call :func:`lowrank_jax.quantize` yourself.
 
     Example:
+      >>> import jax, jax.numpy as jnp, lowrank_jax as lj
+      >>> params = {"attn": {n: {"kernel": jnp.ones((32, 32))} for n in ("query", "key", "value")}}
       >>> method = LoRA(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel")
-      >>> frozen, adapter = lowrank_jax.init(method, params, jax.random.key(0))
+      >>> frozen, adapter = lj.init(method, params, jax.random.key(0))
+      >>> sorted(adapter["attn"]), lj.count_params(adapter)
+      (['query', 'value'], 1024)
     """
 
     rank: int = 8
