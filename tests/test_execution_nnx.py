@@ -225,7 +225,7 @@ def test_qlora_nf4_kernels_in_scan_and_plain_layers(setup):
     method = lj.DoRA(rank=2, alpha=4.0, targets=r"(embed|attn/query|stack/layers/(lin|gen))/kernel",
                      quant=lj.NF4())
     frozen, adapter = lj.init(method, params, jax.random.key(2), layouts=layouts)
-    assert lj.tree._is_frozen_leaf(frozen["stack"]["layers"]["lin"]["kernel"])
+    assert lj.quant.kernels.is_quantized(frozen["stack"]["layers"]["lin"]["kernel"])
     adapter = randomize(adapter)
     factored, merged = _losses(model, frozen, x)
     g_f, y_f = jax.jit(jax.grad(factored, has_aux=True))(adapter)
