@@ -127,7 +127,8 @@ def _check_dropout_merged(adapter: Any, key: Any) -> None:
 
 def make_train_step(model: Any, loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                     factored: bool = True, donate: bool = True, custom_layers: Any = None,
-                    adapter_dtype: Any = None, nan_guard: bool = False) -> TrainStep:
+                    adapter_dtype: Any = None, nan_guard: bool = False, mesh: Any = None,
+                    in_shardings: Any = None, out_shardings: Any = None) -> TrainStep:
     """Build a jitted train step that updates only the adapter.
 
     Args:
@@ -143,6 +144,14 @@ def make_train_step(model: Any, loss_fn: Callable, optimizer: optax.GradientTran
       nan_guard: wrap ``optimizer`` in ``optax.apply_if_finite``: a step whose gradients hold NaN/inf
         leaves the adapter and optimizer state unchanged (the loss is still returned);
         :func:`skipped_steps` reads how many steps were skipped from the optimizer state.
+      mesh: run on a ``jax.sharding.Mesh`` with shardings taken from the arguments
+        (:class:`lowrank_jax.sharding.PinnedStep`): placed arrays keep their ``NamedSharding``, others
+        are replicated; the returned adapter and optimizer state keep the shardings passed in (so
+        donation reuses their buffers); ``init`` places the optimizer state like the adapter
+        (:func:`lowrank_jax.sharding.opt_state_specs`). ``"auto"``: the mesh the arguments are on.
+        ``None`` (default): plain ``jax.jit``, which follows committed inputs.
+      in_shardings, out_shardings: passed to ``jax.jit`` as given (for ``(adapter, opt_state, frozen,
+        batch, key)`` and ``(adapter, opt_state, loss)``); instead of ``mesh``.
 
     Returns:
       ``TrainStep(step, init, loss)``: ``init(adapter) -> opt_state``;
@@ -171,8 +180,18 @@ def make_train_step(model: Any, loss_fn: Callable, optimizer: optax.GradientTran
         updates, opt_state = optimizer.update(grads, opt_state, adapter)
         return optax.apply_updates(adapter, updates), opt_state, value
 
-    jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
-    return TrainStep(_DonatingStep(jitted, donate), optimizer.init, loss)
+    if mesh is not None and (in_shardings is not None or out_shardings is not None):
+        raise ValueError("make_train_step: pass mesh= (shardings taken from the arguments) or in_shardings=/"
+                         "out_shardings=, not both")
+    opt_init = optimizer.init
+    if mesh is not None:
+        from lowrank_jax import sharding
+        jitted = sharding.PinnedStep(step, mesh, donate)
+        opt_init = sharding.placed_opt_init(optimizer.init, mesh)
+    else:
+        given = {k: v for k, v in (("in_shardings", in_shardings), ("out_shardings", out_shardings)) if v is not None}
+        jitted = jax.jit(step, donate_argnums=(0, 1) if donate else (), **given)
+    return TrainStep(_DonatingStep(jitted, donate), opt_init, loss)
 
 
 def skipped_steps(opt_state: Any) -> int:

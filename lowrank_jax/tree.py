@@ -145,6 +145,8 @@ def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) ->
       never trained.
       ``adapter``: nested dicts over the targeted paths, one :class:`~lowrank_jax.AdapterParams` per
       kernel, holding only trainable float32 arrays.
+      When ``params`` are placed with ``NamedSharding`` on a multi-device mesh, both are placed like
+      the kernels (:mod:`lowrank_jax.sharding`) by one jitted program: no full array on one device.
 
     Example:
       >>> import jax, jax.numpy as jnp, lowrank_jax as lj
@@ -158,6 +160,12 @@ def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) ->
     methods = _methods_tuple(method)
     if isinstance(params, Mapping) and SHARED_KEY in params:
         raise ValueError(f"init: params already contain {SHARED_KEY!r}: pass the original params, not a frozen tree")
+    # Params placed on a multi-device mesh: this whole function runs as one jitted program whose outputs
+    # are placed like the kernels (lowrank_jax.sharding.init_placed; it calls back here with tracers).
+    from lowrank_jax import sharding
+    placed = sharding.init_placed(init, method, params, key, layouts)
+    if placed is not None:
+        return placed
     params = _apply_quant_shorthand(methods, params, layouts)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
     named, _ = flatten_with_paths(params, is_leaf=is_quantized)

@@ -287,7 +287,7 @@ def _leaf_abstract(x: Any, default_sharding: jax.sharding.Sharding) -> jax.Shape
 def _describe_leaves(tree: Any) -> tuple[list[dict[str, Any]], list[Any], Any]:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     desc = [{"path": path_str(p), "shape": [int(s) for s in np.shape(v)],
-             "dtype": fmt.dtype_name(getattr(v, "dtype", np.asarray(v).dtype))} for p, v in leaves]
+             "dtype": fmt.dtype_name(v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype)} for p, v in leaves]
     return desc, [v for _, v in leaves], treedef
 
 

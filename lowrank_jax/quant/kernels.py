@@ -108,7 +108,9 @@ def quantize(params: Any, config: NF4 | None = None, *, layouts: Mapping[str, La
     Returns:
       The tree with the same structure; selected kernels are :class:`~lowrank_jax.quant.nf4.NF4Array`
       (:func:`kernel_of` restores the shape), no float copy of them is kept. Traceable: under
-      ``jax.eval_shape`` on ``ShapeDtypeStruct`` params it allocates nothing.
+      ``jax.eval_shape`` on ``ShapeDtypeStruct`` params it allocates nothing. Params placed with
+      ``NamedSharding`` on a multi-device mesh give NF4 leaves placed along their blocks
+      (:func:`lowrank_jax.sharding.nf4_specs`), computed by one jitted program.
 
     Raises:
       ValueError naming the path: a target that matches no leaf, a selected leaf that is not a
@@ -125,10 +127,17 @@ def quantize(params: Any, config: NF4 | None = None, *, layouts: Mapping[str, La
     from lowrank_jax.methods.base import matches
 
     targets = config.targets
-    return quantize_selected(
-        params, config, layouts=layouts, rest_dtype=rest_dtype,
-        select=(lambda p: matches(targets, p)) if targets is not None else None,
-        what=f"NF4 targets {list(targets)}" if targets is not None else None)
+
+    def run(params):
+        return quantize_selected(
+            params, config, layouts=layouts, rest_dtype=rest_dtype,
+            select=(lambda p: matches(targets, p)) if targets is not None else None,
+            what=f"NF4 targets {list(targets)}" if targets is not None else None)
+
+    # Params placed on a multi-device mesh: one jitted program, NF4 leaves placed along their blocks.
+    from lowrank_jax import sharding
+    placed = sharding.quantize_placed(run, params)
+    return run(params) if placed is None else placed
 
 
 def quantize_selected(params: Any, config: NF4, *, layouts: Mapping[str, Layout] | None,
