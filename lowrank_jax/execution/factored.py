@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from lowrank_jax.adapter import AdapterParams
 from lowrank_jax.execution.views import CallView
 from lowrank_jax.methods.base import FrozenInputs
+from lowrank_jax.methods.stacked import is_stacked, rows_per_example
 from lowrank_jax.quant import nf4
 from lowrank_jax.quant.kernels import is_quantized, matrix_of
 
@@ -100,12 +101,14 @@ def _matrix_layout():
 
 def layer_output(call: LayerCall, node: AdapterParams | None, arrays: Mapping[str, Array] | None = None, *,
                  shared: Mapping[str, Array] | None = None, cache: Array | None = None,
-                 dropout_key: Array | None = None, adapter_dtype: Any = None) -> Array:
+                 dropout_key: Array | None = None, adapter_dtype: Any = None,
+                 adapter_ids: Array | None = None) -> Array:
     """The layer's output with ``node``'s adapter applied factored (or none: ``node=None``).
 
     ``arrays`` are the per-layer trainable arrays (sliced by scan/vmap as the kernel is), ``shared``
     the method's shared frozen arrays, ``cache`` its per-kernel frozen cache, ``dropout_key`` the
-    per-layer key data of the adapter-input dropout.
+    per-layer key data of the adapter-input dropout. For a stacked node (:func:`lowrank_jax.stack`)
+    ``adapter_ids (B,)`` gives each example's adapter; the input's leading axis must be that batch.
     """
     view = call.view
     quantized = is_quantized(call.kernel)
@@ -122,9 +125,24 @@ def layer_output(call: LayerCall, node: AdapterParams | None, arrays: Mapping[st
     check_view(call.path, view, node.layout, "adapter")
     method = node.method
     adt = adapter_dtype or jnp.result_type(*[a.dtype for a in arrays.values()])
-    xa = dropout(xm.astype(adt), method.dropout, dropout_key)
     kernel = call.kernel
     frozen = FrozenInputs(
         kernel=(lambda: matrix_of(kernel)) if quantized else (lambda: view.layout.to_matrix(kernel).astype(jnp.float32)),
         shared=shared, cache=cache)
+    if is_stacked(method) or adapter_ids is not None:
+        return view.mat_to_y(_stacked_output(call, node, xm.astype(adt), y_m, bias_m, arrays, frozen,
+                                             dropout_key, adapter_ids))
+    xa = dropout(xm.astype(adt), method.dropout, dropout_key)
     return view.mat_to_y(method.forward(xa, y_m, bias_m, dict(arrays), frozen))
+
+
+def _stacked_output(call: LayerCall, node: AdapterParams, xm: Array, y_m: Array, bias_m: Array | None,
+                    arrays: Mapping[str, Array], frozen: FrozenInputs, dropout_key: Array | None,
+                    adapter_ids: Array | None) -> Array:
+    """A stacked node's output: each example's rows with its own adapter (:class:`Stacked`)."""
+    if not is_stacked(node.method) or adapter_ids is None:
+        raise ValueError(f"lowrank_jax.apply: {call.path}: adapter_ids go with a stacked adapter "
+                         "(lowrank_jax.stack) and a stacked adapter needs adapter_ids")
+    rows_per_example(call.path, call.view, adapter_ids.shape[0])
+    xa = node.method.input_dropout(xm, dropout_key, adapter_ids)
+    return node.method.forward(xa, y_m, bias_m, dict(arrays), frozen, ids=adapter_ids)

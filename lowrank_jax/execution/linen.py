@@ -30,6 +30,7 @@ from lowrank_jax.execution.factored import LayerCall, dropout_key_data, layer_ou
 from lowrank_jax.layout import Layout
 from lowrank_jax.methods.lora import DORA_PRE_SCALE
 from lowrank_jax.quant.kernels import is_quantized, kernel_of, kernel_shape_of
+from lowrank_jax.stacking import check_adapter_ids
 from lowrank_jax.tree import base_params, fitted_nodes, frozen_caches, merge_leaf, path_str, shared_of
 
 __all__ = ["DORA_PRE_SCALE", "LayerSpec", "apply", "discover"]
@@ -131,7 +132,7 @@ def _module_key(module: nn.Module, kernel: str) -> str:
 
 
 def _make_handler(targets: Mapping[str, _Target], shared: Mapping, consumed: set | None,
-                  custom: Mapping[type, LayerSpec] | None, adapter_dtype: Any):
+                  custom: Mapping[type, LayerSpec] | None, adapter_dtype: Any, adapter_ids: Any = None):
     def handler(next_fun: Callable, args: tuple, kwargs: dict, ctx: Any):
         if ctx.method_name != "__call__":
             return next_fun(*args, **kwargs)
@@ -165,7 +166,7 @@ def _make_handler(targets: Mapping[str, _Target], shared: Mapping, consumed: set
             return layer_output(call, None)
         return layer_output(call, node, {k: get(k) for k in node.params},
                             shared=shared.get(node.shared) if node.shared else None, cache=get(CACHE),
-                            dropout_key=get(DROPOUT_KEY), adapter_dtype=adapter_dtype)
+                            dropout_key=get(DROPOUT_KEY), adapter_dtype=adapter_dtype, adapter_ids=adapter_ids)
 
     return handler
 
@@ -201,7 +202,7 @@ def _colocate(base: Any, nodes: list[tuple[str, AdapterParams]], dropout_key: An
 
 def apply(model: nn.Module, variables: Mapping[str, Any], adapter: Any, *args,
           dropout_key: jax.Array | None = None, custom_layers: Mapping[type, LayerSpec] | None = None,
-          adapter_dtype: Any = None, **kwargs) -> Any:
+          adapter_dtype: Any = None, adapter_ids: Any = None, **kwargs) -> Any:
     """``model.apply`` on ``merge(frozen, adapter)`` — computed factored, layer by layer.
 
     Args:
@@ -215,6 +216,9 @@ def apply(model: nn.Module, variables: Mapping[str, Any], adapter: Any, *args,
       custom_layers: ``{LayerClass: LayerSpec(...)}`` opting custom layers into the factored path.
       adapter_dtype: dtype of the adapter branch's two thin matmuls (default: the adapter arrays'
         dtype, float32, as PEFT does); the branch is cast to the layer's output dtype.
+      adapter_ids: for a stacked adapter (:func:`lowrank_jax.stack`): ``(B,)`` ints, example ``b`` runs
+        with adapter ``adapter_ids[b]`` (``-1``: the base); every adapted layer's input must have the
+        batch ``B`` as its leading axis.
 
     Returns:
       What ``model.apply`` returns. Call it inside your jitted function: the interception is entered
@@ -226,6 +230,7 @@ def apply(model: nn.Module, variables: Mapping[str, Any], adapter: Any, *args,
     shared = shared_of(frozen)
     base = base_params(frozen)
     nodes, leaves = fitted_nodes(frozen, adapter, "apply")
+    adapter_ids = check_adapter_ids(adapter, adapter_ids, "apply")
     caches = frozen_caches(frozen)
     node_of = dict(nodes)
     targets = {p: _Target(p, node_of.get(p)) for p, leaf in leaves.items() if p in node_of or is_quantized(leaf)}
@@ -235,7 +240,7 @@ def apply(model: nn.Module, variables: Mapping[str, Any], adapter: Any, *args,
     def run(nodes_now, base_now, consumed, skip=()):
         params = _colocate(base_now, nodes_now, dropout_key, caches)
         live = {k: v for k, v in targets.items() if k not in skip}
-        handler = _make_handler(live, shared, consumed, custom_layers, adapter_dtype)
+        handler = _make_handler(live, shared, consumed, custom_layers, adapter_dtype, adapter_ids)
         with nn.intercept_methods(handler):
             return model.apply({**variables, "params": params}, *args, **kwargs)
 

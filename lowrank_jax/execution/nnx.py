@@ -51,6 +51,7 @@ from lowrank_jax.execution import views
 from lowrank_jax.execution.factored import LayerCall, check_view, dropout_key_data, layer_output
 from lowrank_jax.layout import Layout
 from lowrank_jax.quant.kernels import is_quantized, kernel_of, kernel_shape_of, layout_of
+from lowrank_jax.stacking import check_adapter_ids
 from lowrank_jax.tree import base_params, fitted_nodes, frozen_caches, merge_leaf, shared_of
 
 __all__ = ["LowRankParam", "apply", "discover", "factored_model", "merged_model", "params_of", "shared_scope"]
@@ -61,6 +62,7 @@ CACHE = "frozen_cache"
 
 _SHARED: contextvars.ContextVar[Mapping | None] = contextvars.ContextVar("lowrank_jax_nnx_shared",
                                                                         default=None)
+_ADAPTER_IDS: contextvars.ContextVar[Any] = contextvars.ContextVar("lowrank_jax_nnx_adapter_ids", default=None)
 
 
 class LowRankParam(nnx.Param):
@@ -224,7 +226,7 @@ def _factored_call(module: Any, base_call: Callable, args: tuple, kwargs: dict):
         call, node, node.params, shared=sh,
         cache=getattr(module, kname + SEP + CACHE)[...] if spec.cached else None,
         dropout_key=getattr(module, kname + SEP + DROPOUT_KEY)[...] if spec.dropout else None,
-        adapter_dtype=spec.adapter_dtype)
+        adapter_dtype=spec.adapter_dtype, adapter_ids=_ADAPTER_IDS.get())
 
 
 _FACTORED_CLASSES: dict[type, type] = {}
@@ -354,7 +356,7 @@ class shared_scope:
 
 def apply(model: nnx.Module, frozen: Any, adapter: Any, *args, dropout_key: jax.Array | None = None,
           method: str | Callable | None = None, adapter_dtype: Any = None, return_state: bool = False,
-          **kwargs) -> Any:
+          adapter_ids: Any = None, **kwargs) -> Any:
     """Run ``model`` with ``frozen`` params and ``adapter`` factored — equal to the merged model's call.
 
     Args:
@@ -370,12 +372,25 @@ def apply(model: nnx.Module, frozen: Any, adapter: Any, *args, dropout_key: jax.
       adapter_dtype: dtype of the branch's thin matmuls (default: the adapter arrays' dtype).
       return_state: also return the copy's non-``Param`` state after the call (RNG counters, batch
         statistics, caches) for ``nnx.update(model, state)``; otherwise such updates are dropped.
+      adapter_ids: for a stacked adapter (:func:`lowrank_jax.stack`): ``(B,)`` ints, example ``b`` runs
+        with adapter ``adapter_ids[b]`` (``-1``: the base); adapted layers' inputs lead with the batch.
 
     Works under ``jax.jit`` and ``jax.grad`` with the adapter as the differentiated argument (call it
     inside the traced function), including models that apply ``nnx.vmap``-stacked layers with
     ``nnx.scan`` + ``nnx.remat``: the adapter arrays ride as per-layer state of the adapted layers.
     """
     copy, shared = factored_model(model, frozen, adapter, dropout_key=dropout_key, adapter_dtype=adapter_dtype)
+    token = _ADAPTER_IDS.set(check_adapter_ids(adapter, adapter_ids, "lowrank_jax.nnx.apply"))
+    try:
+        out = _run(copy, shared, method, args, kwargs)
+    finally:
+        _ADAPTER_IDS.reset(token)
+    if not return_state:
+        return out
+    return out, nnx.state(copy, nnx.Not(nnx.Param))
+
+
+def _run(copy: nnx.Module, shared: Mapping, method: str | Callable | None, args: tuple, kwargs: dict) -> Any:
     with shared_scope(shared):
         if method is None:
             out = copy(*args, **kwargs)
@@ -383,9 +398,7 @@ def apply(model: nnx.Module, frozen: Any, adapter: Any, *args, dropout_key: jax.
             out = getattr(copy, method)(*args, **kwargs)
         else:
             out = method(copy, *args, **kwargs)
-    if not return_state:
-        return out
-    return out, nnx.state(copy, nnx.Not(nnx.Param))
+    return out
 
 
 def merged_model(model: nnx.Module, frozen: Any, adapter: Any) -> nnx.Module:

@@ -589,14 +589,19 @@ def load_smollm2_tokenizer(path: str | Path | None = None) -> Any:
 
 # --------------------------------------------------------------------------- generation
 @partial(jax.jit, static_argnums=(0, 3))
-def _greedy_loop(model: LlamaForCausalLM, params: Params, ids: jax.Array, n: int) -> jax.Array:
+def _greedy_loop(model: LlamaForCausalLM, params: Params, ids: jax.Array, n: int, adapter: Any = None,
+                 adapter_ids: jax.Array | None = None) -> jax.Array:
     b, t = ids.shape
     buf = jnp.concatenate([ids, jnp.zeros((b, n), ids.dtype)], axis=1)
 
     def step(i: int, buf: jax.Array) -> jax.Array:
         # Full recompute over the fixed-size buffer; the causal mask makes the
         # not-yet-written tail irrelevant to position t + i - 1.
-        logits = model.apply({"params": params}, buf)
+        if adapter is None:
+            logits = model.apply({"params": params}, buf)
+        else:
+            from lowrank_jax.execution.linen import apply
+            logits = apply(model, {"params": params}, adapter, buf, adapter_ids=adapter_ids)
         nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, t + i - 1, 1, False), -1)
         return jax.lax.dynamic_update_index_in_dim(buf, nxt.astype(buf.dtype), t + i, 1)
 
@@ -604,7 +609,7 @@ def _greedy_loop(model: LlamaForCausalLM, params: Params, ids: jax.Array, n: int
 
 
 def greedy_generate(
-    model: LlamaForCausalLM, params: Params, ids: Any, n: int
+    model: LlamaForCausalLM, params: Params, ids: Any, n: int, *, adapter: Any = None, adapter_ids: Any = None
 ) -> np.ndarray:
     """Greedy-decode ``n`` tokens after ``ids``.
 
@@ -617,6 +622,9 @@ def greedy_generate(
         params: its params (inner tree).
         ids: int prompt ``(T,)`` or ``(B, T)``, all rows the same length (no padding).
         n: number of new tokens.
+        adapter: run with this lowrank_jax adapter (factored; ``params`` is then its frozen tree), or a
+            stacked one (``lowrank_jax.stack``) with ``adapter_ids``: one adapter index per sequence
+            (``-1``: the base), so each sequence of the batch decodes with its own adapter.
 
     Returns:
         int32 numpy array ``(B, T + n)`` (or ``(T + n,)`` for a 1-D prompt): prompt + continuation.
@@ -627,5 +635,6 @@ def greedy_generate(
         arr = arr[None]
     if n <= 0:
         return arr[0] if one_d else arr
-    out = np.asarray(_greedy_loop(model, params, jnp.asarray(arr), int(n)))
+    aids = None if adapter_ids is None else jnp.asarray(adapter_ids)
+    out = np.asarray(_greedy_loop(model, params, jnp.asarray(arr), int(n), adapter, aids))
     return out[0] if one_d else out
