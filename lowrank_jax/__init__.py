@@ -15,6 +15,7 @@ from lowrank_jax.methods import DoRA, DVoRA, LoRA, VeRA, vera_projections
 from lowrank_jax.quant import nf4
 from lowrank_jax.quant.config import NF4
 from lowrank_jax.quant.kernels import quantize
+from lowrank_jax.stacking import stack, unstack
 from lowrank_jax.tree import SHARED_KEY, base_params, count_params, expected_count, init, merge
 
 __version__ = "0.1.0"
@@ -48,5 +49,7 @@ __all__ = [
     "merge",
     "nf4",
     "quantize",
+    "stack",
+    "unstack",
     "vera_projections",
 ]

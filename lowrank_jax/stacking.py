@@ -27,7 +27,7 @@ from lowrank_jax.adapter import AdapterParams
 from lowrank_jax.methods.base import RANK
 from lowrank_jax.methods.stacked import Stacked, family_of, is_stacked
 from lowrank_jax.paths import key_value
-from lowrank_jax.tree import _set_path, adapter_nodes
+from lowrank_jax.tree import set_path, adapter_nodes
 
 Array = jax.Array
 
@@ -118,7 +118,7 @@ def stack(adapters: Sequence[Any], *, rank: int | None = None) -> Any:
             keys_of.setdefault(path, keys)
     out: dict = {}
     for path in sorted(keys_of):
-        _set_path(out, keys_of[path], _node_stacked(path, [p.get(path) for p in per], rank))
+        set_path(out, keys_of[path], _node_stacked(path, [p.get(path) for p in per], rank))
     return out
 
 
@@ -140,7 +140,7 @@ def unstack(stacked: Any) -> list[Any]:
                         idx[lay.stack + i] = slice(0, m.rank)
                 arrays[name] = arr[tuple(idx)]
             shared = node.shared if m.shared_arrays else None
-            _set_path(outs[k], keys, AdapterParams(arrays, m, lay, node.shape, node.dtype, shared))
+            set_path(outs[k], keys, AdapterParams(arrays, m, lay, node.shape, node.dtype, shared))
     return outs
 
 

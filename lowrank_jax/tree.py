@@ -68,7 +68,8 @@ def frozen_caches(frozen: Any) -> Mapping[str, Array]:
     return shared_of(frozen).get(BASE_SQ_NORMS, {})
 
 
-def _set_path(tree: dict, keys: Sequence[Any], value: Any) -> None:
+def set_path(tree: dict, keys: Sequence[Any], value: Any) -> None:
+    """Set ``tree[k0][k1]...[kn] = value``, creating the intermediate dicts."""
     node = tree
     for k in keys[:-1]:
         node = node.setdefault(k, {})
@@ -245,7 +246,7 @@ def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) ->
             kernel = layout.from_matrix(w_new, shape)
             new_leaves[i] = requantize_like(kernel, leaf) if is_quantized(leaf) else kernel.astype(dtype)
         node = AdapterParams(arrays, m, layout, shape, dtype, shared_name[mi])
-        _set_path(adapter, [key_value(k) for k in leaves[i][0]], node)
+        set_path(adapter, [key_value(k) for k in leaves[i][0]], node)
         w_frozen = w if w_new is None else frozen_matrix(new_leaves[i], node)
         cache = stack_apply(m.frozen_cache, stack, w_frozen, in_axes=(0,))
         if cache is not None:

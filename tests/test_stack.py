@@ -40,7 +40,7 @@ def _drop(adapter, pattern):
     keep = [(p, n) for p, n in lj.tree.adapter_nodes(adapter) if not re.fullmatch(pattern, p)]
     out: dict = {}
     for p, n in keep:
-        lj.tree._set_path(out, p.split("/"), n)
+        lj.tree.set_path(out, p.split("/"), n)
     return out
 
 
