@@ -87,6 +87,15 @@ def _compare(args: argparse.Namespace) -> int:
 
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
         defaults = _COMPARE_DEFAULTS[args.model]
+        seeds = None
+        if args.seeds is not None:
+            from lowrank_jax.seeds import parse_seeds
+
+            if args.seed is not None:
+                raise ValueError("give --seed S or --seeds S1,S2,..., not both")
+            seeds = parse_seeds(args.seeds)
+        elif args.sweep:
+            raise ValueError("--sweep trains the runs of --seeds in one step: give --seeds (e.g. --seeds 0-7)")
         cfg = CompareConfig(
             model=args.model,
             methods=tuple(methods) if methods else defaults["methods"],
@@ -95,7 +104,7 @@ def _compare(args: argparse.Namespace) -> int:
             batch_size=args.batch_size if args.batch_size is not None else defaults["batch_size"],
             seq_len=args.seq_len if args.seq_len is not None else defaults["seq_len"],
             buckets=tuple(int(b) for b in args.buckets.split(",")) if args.buckets else None,
-            seed=args.seed, lr=_parse_lr(args.lr),
+            seed=(seeds[0] if seeds else args.seed or 0), lr=_parse_lr(args.lr),
             eval_examples=args.eval_examples if args.eval_examples is not None else defaults["eval_examples"],
             out=args.out, progress=not args.no_progress,
         )
@@ -103,11 +112,87 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"lowrank-jax compare: error: {e}", file=sys.stderr)
         return 2
     try:
-        run_compare(cfg)
+        if seeds is None:
+            run_compare(cfg)
+        else:
+            from lowrank_jax.seeds import run_seeds
+
+            run_seeds(cfg, seeds, sweep=args.sweep)
     except AssetNotInstalledError as e:
         print(f"lowrank-jax compare: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _train_args(p: argparse.ArgumentParser, out: str, methods_help: str) -> None:
+    """The ``compare`` training flags shared by ``analyze`` and ``ablate`` (MiniLM defaults)."""
+    p.add_argument("--methods", default=None, help=methods_help)
+    p.add_argument("--rank", type=int, default=8, help="LoRA/DoRA rank")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA/DoRA alpha (default 2*rank)")
+    p.add_argument("--vera-rank", type=int, default=256)
+    p.add_argument("--targets", choices=("attention", "all"), default="attention",
+                   help="adapt (and analyze) the attention query/value kernels or every linear layer")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=48, help="max tokens per example")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", default=None, help="learning rate for every method, or per method: lora=1e-3,dora=1e-3")
+    p.add_argument("--eval-examples", type=int, default=0, help="fixed test subset size, 0 = whole test split")
+    p.add_argument("--out", default=out, help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def _train_config(args: argparse.Namespace, methods: tuple[str, ...]) -> object:
+    from lowrank_jax.compare import CompareConfig
+
+    return CompareConfig(
+        model="minilm", methods=methods, rank=args.rank, alpha=args.alpha, vera_rank=args.vera_rank,
+        targets=args.targets, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+        lr=_parse_lr(args.lr), eval_examples=args.eval_examples, out=args.out, progress=not args.no_progress)
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def _run_app(command: str, fn) -> int:
+    """Run ``fn()``; a bad setting or a missing asset package is one line on stderr and exit status 2."""
+    from lowrank_jax.models.assets import AssetNotInstalledError
+
+    try:
+        fn()
+    except ValueError as e:
+        print(f"lowrank-jax {command}: error: {e}", file=sys.stderr)
+        return 2
+    except AssetNotInstalledError as e:
+        print(f"lowrank-jax {command}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    """Train full FT / LoRA / DoRA on MiniLM + Rotten Tomatoes; (ΔD, ΔM) per layer over checkpoints."""
+    def go():
+        from lowrank_jax.analyze import run_analyze
+
+        cfg = _train_config(args, _split(args.methods or "full,lora,dora"))
+        run_analyze(cfg, checkpoints=args.checkpoints)
+    return _run_app("analyze", go)
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    """Rank sweep of LoRA/DoRA and DoRA's norm detached vs differentiated, with plots."""
+    def go():
+        from lowrank_jax.ablate import run_ablate
+
+        try:
+            ranks = tuple(int(r) for r in _split(args.ranks))
+        except ValueError:
+            raise ValueError(f"--ranks: expected a comma list of integers, got {args.ranks!r}") from None
+        cfg = _train_config(args, ("dora",))
+        run_ablate(cfg, studies=_split(args.study), ranks=ranks, rank_methods=_split(args.methods or "lora,dora"),
+                   time_rounds=args.time_rounds, time_steps=args.time_steps)
+    return _run_app("ablate", go)
 
 
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -200,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                     "seed; print a table and write results.json and compare.png to --out.")
     cmp.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
     cmp.add_argument("--methods", default=None,
-                     help="comma list of full,probe,lora,dora,vera,qlora,qdora (smollm2 also: zeroshot); "
-                          "default all for minilm, zeroshot,lora,qlora for smollm2")
+                     help="comma list of full,probe,lora,dora,vera,qlora,qdora,dvora (smollm2 also: zeroshot); "
+                          "default all but dvora for minilm, zeroshot,lora,qlora for smollm2")
     cmp.add_argument("--rank", type=int, default=8, help="LoRA/DoRA/QLoRA/QDoRA rank")
     cmp.add_argument("--alpha", type=float, default=None, help="LoRA/DoRA alpha (default 2*rank)")
     cmp.add_argument("--vera-rank", type=int, default=256)
@@ -212,15 +297,44 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--seq-len", type=int, default=None, help="max tokens per example (default 48; smollm2 40)")
     cmp.add_argument("--buckets", default=None,
                      help="comma list of batch widths (one compile each); default 32,SEQ_LEN")
-    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--seed", type=int, default=None, help="seed of the split, data order and inits (default 0)")
+    cmp.add_argument("--seeds", default=None,
+                     help="several seeds (0,1,2 or 0-7): one run per seed, then accuracy mean ± std per method")
+    cmp.add_argument("--sweep", action="store_true",
+                     help="with --seeds: train each method's K seeds in one vmapped, jitted step (one compile)")
     cmp.add_argument("--lr", default=None,
                      help="learning rate for every method, or per method: lora=1e-3,vera=1e-2 "
-                          "(defaults: full 1e-4, probe 3e-2, lora/dora/qlora/qdora 5e-3, vera 3e-2)")
+                          "(defaults: full 1e-4, probe 3e-2, lora/dora/qlora/qdora 5e-3, vera/dvora 3e-2)")
     cmp.add_argument("--eval-examples", type=int, default=None,
                      help="size of the fixed test subset, 0 = whole test split (default 0; smollm2 200)")
     cmp.add_argument("--out", default="compare_out", help="folder for results.json and compare.png")
     cmp.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     cmp.set_defaults(func=_compare)
+
+    an = sub.add_parser(
+        "analyze", help="magnitude vs direction change (ΔM, ΔD) per layer over training: FT, LoRA, DoRA",
+        description="Train MiniLM on Rotten Tomatoes as `compare` does with each method; at --checkpoints "
+                    "evenly spaced steps record DoRA's ΔM (mean change of output-unit norms) and ΔD (mean "
+                    "1 - cos) of every adapted kernel against the pretrained weights; write analysis.json "
+                    "(points, Pearson/Spearman correlations per method and kernel) and analysis.png (the "
+                    "DoRA paper's Fig. 2).")
+    _train_args(an, "analyze_out", "comma list of full,lora,dora,vera,dvora,qlora,qdora (default full,lora,dora)")
+    an.add_argument("--checkpoints", type=int, default=6, help="evenly spaced steps at which to measure")
+    an.set_defaults(func=_analyze)
+
+    ab = sub.add_parser(
+        "ablate", help="rank sweep (LoRA, DoRA) and DoRA norm detached vs differentiated, with plots",
+        description="Train MiniLM on Rotten Tomatoes as `compare` does. rank: LoRA and DoRA at each of --ranks "
+                    "(alpha = 2r): accuracy, trainable params, step time. detach: DoRA with the column norm "
+                    "detached vs differentiated: accuracy, peak step memory, step time. Writes ablate.json, "
+                    "ablate_rank.png, ablate_detach.png.")
+    _train_args(ab, "ablate_out", "rank study: comma list of lora,dora,qlora,qdora (default lora,dora)")
+    ab.add_argument("--study", default="rank,detach", help="comma list of rank,detach (default both)")
+    ab.add_argument("--ranks", default="1,2,4,8,16,64", help="ranks of the rank study")
+    ab.add_argument("--time-rounds", type=int, default=3,
+                    help="after training, time every variant's step interleaved for this many rounds (0: skip)")
+    ab.add_argument("--time-steps", type=int, default=10, help="steps per variant per timing round")
+    ab.set_defaults(func=_ablate)
 
     from lowrank_jax.plan import BACKENDS, CONFIGS, DTYPES, METHODS, OPTIMIZERS, REMAT
     pl = sub.add_parser(

@@ -15,6 +15,8 @@ method     what is trained
 ``qlora``  ``lora`` over a fully quantized encoder: every dense kernel NF4
            (``NF4(block_size=64, double_quant=True)``), embeddings and norms bfloat16 (QLoRA's base)
 ``qdora``  ``dora`` over the same fully quantized encoder
+``dvora``  ``DVoRA(rank=256)`` (DoRA's magnitude over VeRA's direction) on the same kernels + the head;
+           not in the default list (``--methods ...,dvora``)
 =========  ==================================================================================
 
 The classification head (``classifier/kernel``, ``classifier/bias``) is trainable in every method
@@ -58,6 +60,7 @@ import numpy as np
 __all__ = [
     "MINILM_METHODS",
     "SMOLLM2_METHODS",
+    "OPTIONAL_METHODS",
     "DEFAULT_LR",
     "TARGETS",
     "CompareConfig",
@@ -69,10 +72,13 @@ __all__ = [
 ]
 
 MINILM_METHODS: tuple[str, ...] = ("full", "probe", "lora", "dora", "vera", "qlora", "qdora")
-"""Methods ``compare`` knows for MiniLM, in the default order."""
+"""The default methods of ``compare`` for MiniLM, in the default order."""
 
 SMOLLM2_METHODS: tuple[str, ...] = ("zeroshot", "full", "lora", "dora", "vera", "qlora", "qdora")
 """Methods ``compare`` knows for SmolLM2 (``zeroshot``: the untrained prompt score)."""
+
+OPTIONAL_METHODS: tuple[str, ...] = ("dvora",)
+"""Methods ``compare`` knows for both models but runs only when listed in ``methods``."""
 
 DEFAULT_LR: dict[str, float] = {
     "full": 1e-4,
@@ -80,6 +86,7 @@ DEFAULT_LR: dict[str, float] = {
     "lora": 5e-3,
     "dora": 5e-3,
     "vera": 3e-2,
+    "dvora": 3e-2,
     "qlora": 5e-3,
     "qdora": 5e-3,
     "zeroshot": 0.0,
@@ -89,7 +96,8 @@ DEFAULT_LR: dict[str, float] = {
 Tuned for the default budget (150 steps × 16 examples, seed 0, 1000 test examples): full 5e-5 / 1e-4 /
 2e-4 → 78.3 / 79.5 / 78.3 %; probe 3e-3 / 1e-2 / 3e-2 → 75.1 / 76.5 / 77.1 %; LoRA 1e-3 / 2e-3 / 5e-3 /
 1e-2 → 78.0 / 78.4 / 79.7 / 60.5 % (diverges); DoRA 2e-3 / 5e-3 → 78.4 / 80.0 %; VeRA 1e-2 / 3e-2 →
-78.2 / 80.0 %. Short budgets favour high rates; for long runs lower them.
+78.2 / 80.0 %; DVoRA 1e-2 / 3e-2 → 78.0 / 79.3 % (whole test split). Short budgets favour high rates; for long runs
+lower them.
 """
 
 TARGETS: dict[str, dict[str, str]] = {
@@ -120,7 +128,9 @@ class CompareConfig:
       methods: method names, a subset of :data:`MINILM_METHODS` / :data:`SMOLLM2_METHODS`.
       rank: LoRA/DoRA/QLoRA/QDoRA rank ``r``; ``alpha`` defaults to ``2r``.
       alpha: LoRA/DoRA scaling numerator (``None``: ``2 * rank``).
-      vera_rank: VeRA's shared-projection rank.
+      vera_rank: VeRA's (and DVoRA's) shared-projection rank.
+      detach_norm: DoRA/QDoRA/DVoRA treat the column norm as a constant in the backward (``True``, the
+        paper's and PEFT's default) or differentiate through it (``False``).
       targets: ``"attention"`` (query/value projections) or ``"all"`` (every linear of the encoder).
       steps: optimizer steps per method.
       batch_size: examples per step (and per evaluation batch).
@@ -141,6 +151,7 @@ class CompareConfig:
     rank: int = 8
     alpha: float | None = None
     vera_rank: int = 256
+    detach_norm: bool = True
     targets: str = "attention"
     steps: int = 150
     batch_size: int = 16
@@ -155,7 +166,7 @@ class CompareConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        known = MINILM_METHODS if self.model == "minilm" else SMOLLM2_METHODS
+        known = (MINILM_METHODS if self.model == "minilm" else SMOLLM2_METHODS) + OPTIONAL_METHODS
         if self.model not in TARGETS:
             raise ValueError(f"model must be one of {sorted(TARGETS)}, got {self.model!r}")
         self.methods = tuple(self.methods)
@@ -235,9 +246,11 @@ def build_method(name: str, cfg: CompareConfig) -> Any:
     if name in ("lora", "qlora"):
         return lj.LoRA(rank=cfg.rank, alpha=cfg.lora_alpha, targets=targets)
     if name in ("dora", "qdora"):
-        return lj.DoRA(rank=cfg.rank, alpha=cfg.lora_alpha, targets=targets)
+        return lj.DoRA(rank=cfg.rank, alpha=cfg.lora_alpha, targets=targets, detach_norm=cfg.detach_norm)
     if name == "vera":
         return lj.VeRA(rank=cfg.vera_rank, targets=targets, seed=cfg.seed)
+    if name == "dvora":
+        return lj.DVoRA(rank=cfg.vera_rank, targets=targets, seed=cfg.seed, detach_norm=cfg.detach_norm)
     raise ValueError(f"unknown method {name!r}")
 
 
@@ -443,11 +456,11 @@ def _loss(logits: Any, batch: Mapping[str, Any]) -> Any:
     return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def make_step(task: Task, tx: Any) -> Any:
-    """Jitted ``step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss)``.
+def step_fn(task: Task, tx: Any) -> Callable[..., Any]:
+    """``step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss)``, not jitted.
 
     ``trainable = {"adapter": ..., "params": ...}``; its ``params`` are inserted into ``frozen``
-    (top-level entries) before the factored forward pass. ``trainable`` and ``opt_state`` are donated.
+    (top-level entries) before the factored forward pass.
     """
     import jax
     import optax
@@ -461,7 +474,14 @@ def make_step(task: Task, tx: Any) -> Any:
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, value
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return step
+
+
+def make_step(task: Task, tx: Any) -> Any:
+    """:func:`step_fn` jitted; ``trainable`` and ``opt_state`` are donated."""
+    import jax
+
+    return jax.jit(step_fn(task, tx), donate_argnums=(0, 1))
 
 
 def make_predict(task: Task) -> Any:
@@ -501,9 +521,47 @@ def evaluate(predict: Any, trainable: Any, frozen: Any, batches: Sequence[Mappin
     return correct / max(total, 1)
 
 
+class PerShape:
+    """Lowers and compiles a jitted step once per batch shape (``args[-1]["input_ids"]``), timing the compiles."""
+
+    def __init__(self, step: Any) -> None:
+        self.step = step
+        self.compiled: dict[tuple[int, ...], Any] = {}
+        self.seconds = 0.0
+
+    def __call__(self, *args: Any) -> Any:
+        shape = tuple(args[-1]["input_ids"].shape)
+        if shape not in self.compiled:
+            t0 = time.perf_counter()
+            self.compiled[shape] = self.step.lower(*args).compile()
+            self.seconds += time.perf_counter() - t0
+        return self.compiled[shape]
+
+
+def error_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (at most 500 characters): how a failed run is reported."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+
+
+def prepare(cfg: CompareConfig) -> tuple[Task, int, list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """``(task, total parameter count, training batches, test batches)`` for ``cfg``.
+
+    Raises:
+      AssetNotInstalledError: an asset package is missing.
+    """
+    task = load_task(cfg)
+    return task, tree_size(task.params), train_batches(task, cfg), test_batches(task, cfg)
+
+
 def run_method(name: str, task: Task, cfg: CompareConfig, batches: Sequence[Mapping[str, np.ndarray]],
-               tests: Sequence[Mapping[str, np.ndarray]], total_params: int) -> MethodResult:
-    """Train and evaluate one method; see :class:`MethodResult`."""
+               tests: Sequence[Mapping[str, np.ndarray]], total_params: int,
+               on_step: Callable[[int, Any, Any], None] | None = None) -> MethodResult:
+    """Train and evaluate one method; see :class:`MethodResult`.
+
+    ``on_step(step, trainable, frozen)``, if given, is called after each optimizer step (``step`` counts
+    from 1) with the current trainable tree; it must not keep references to its arrays (the next step
+    donates them). Its time is not part of the step times.
+    """
     import jax
     from tqdm.auto import tqdm
 
@@ -518,29 +576,16 @@ def run_method(name: str, task: Task, cfg: CompareConfig, batches: Sequence[Mapp
     tx = make_optimizer(lr, cfg.steps, cfg.warmup_fraction)
     opt_state = tx.init(trainable)
     opt_bytes = tree_bytes(opt_state)
-    step = make_step(task, tx)
-
-    compiled: dict[tuple[int, ...], Any] = {}
-    t_compile = 0.0
-
-    def get(batch):
-        nonlocal t_compile
-        shape = batch["input_ids"].shape
-        if shape not in compiled:
-            t0 = time.perf_counter()
-            compiled[shape] = step.lower(trainable, opt_state, frozen, batch).compile()
-            t_compile += time.perf_counter() - t0
-        return compiled[shape]
-
+    get = PerShape(make_step(task, tx))
     widest = max(batches, key=lambda b: b["input_ids"].shape[1])
-    mem = memory_stats(get(widest))
+    mem = memory_stats(get(trainable, opt_state, frozen, widest))
 
     losses: list[float] = []
     times: list[float] = []
     bar = tqdm(batches, desc=f"{name:>6s}", disable=not cfg.progress, leave=True, mininterval=2.0)
     t_train = time.perf_counter()
     for batch in bar:
-        fn = get(batch)
+        fn = get(trainable, opt_state, frozen, batch)
         t0 = time.perf_counter()
         trainable, opt_state, loss = fn(trainable, opt_state, frozen, batch)
         loss = float(loss)
@@ -548,6 +593,8 @@ def run_method(name: str, task: Task, cfg: CompareConfig, batches: Sequence[Mapp
         losses.append(loss)
         if not math.isfinite(loss):
             raise FloatingPointError(f"{name}: training loss became {loss} at step {len(losses)}")
+        if on_step is not None:
+            on_step(len(losses), trainable, frozen)
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
     bar.close()
     t_train = time.perf_counter() - t_train
@@ -557,7 +604,7 @@ def run_method(name: str, task: Task, cfg: CompareConfig, batches: Sequence[Mapp
         method=name, trainable_params=n_train, trainable_percent=100.0 * n_train / total_params,
         optimizer_state_bytes=opt_bytes, frozen_bytes=frozen_bytes,
         step_time_s=float(statistics.median(times)), peak_memory_bytes=int(mem["peak"]),
-        test_accuracy=float(acc), train_loss=losses, learning_rate=lr, compile_time_s=t_compile,
+        test_accuracy=float(acc), train_loss=losses, learning_rate=lr, compile_time_s=get.seconds,
         train_time_s=t_train, memory_analysis=mem,
     )
 
@@ -650,10 +697,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[
     t_start = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    task = load_task(cfg)
-    total = tree_size(task.params)
-    batches = train_batches(task, cfg)
-    tests = test_batches(task, cfg)
+    task, total, batches, tests = prepare(cfg)
     n_test = int(sum(b["valid"].sum() for b in tests))
     log(f"{cfg.model}: {total:,} params; train {len(task.train):,} / test {len(task.test):,} examples "
         f"(held-out movies), evaluating on {n_test:,}; {cfg.steps} steps × batch {cfg.batch_size}, "
@@ -674,7 +718,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[
         except (KeyboardInterrupt, MemoryError):
             raise
         except Exception as e:  # a method failing must not lose the others' results
-            msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+            msg = error_line(e)
             results["failed"].append({"method": name, "error": msg})
             log(f"{name}: FAILED — {msg}")
             continue
