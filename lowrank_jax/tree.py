@@ -25,6 +25,7 @@ from lowrank_jax.adapter import AdapterParams, is_adapter
 from lowrank_jax.layout import DEFAULT_LAYOUT, Layout, resolve_layout
 from lowrank_jax.methods.base import count_matrix_params, matches
 from lowrank_jax.paths import example_paths, flatten_with_paths, key_name, key_value, path_str
+from lowrank_jax.quant import nf4
 from lowrank_jax.quant.kernels import (
     is_quantized,
     kernel_of,
@@ -116,13 +117,20 @@ def _apply_quant_shorthand(methods: tuple[Any, ...], params: Any, layouts: Layou
     return params
 
 
-def _check_finite(path: str, w: Array) -> None:
-    if isinstance(w, jax.core.Tracer):
-        return
-    bad = int(jnp.sum(~jnp.isfinite(w)))
-    if bad:
-        raise ValueError(f"init: {path}: the kernel contains {bad} non-finite value(s) (NaN/inf); "
-                         "an adapter fit to it would be NaN from the first step")
+def _raise_not_finite(checks: list[tuple[str, Any, Array]]) -> None:
+    """Raise naming the first kernel whose ``finite`` flag is false; ``checks``: ``(path, kernel, finite)``.
+
+    The flags are fetched in one transfer after every kernel's work is dispatched (no sync per kernel);
+    traced flags (init under ``jit``) are skipped.
+    """
+    checks = [c for c in checks if not isinstance(c[2], jax.core.Tracer)]
+    flags = jax.device_get([c[2] for c in checks])
+    for (path, w, _), ok in zip(checks, flags):
+        if not ok:
+            detail = (f"{int(jnp.sum(~jnp.isfinite(w)))} non-finite value(s) (NaN/inf)" if not is_quantized(w)
+                      else "non-finite NF4 block scales (NaN/inf)")
+            raise ValueError(f"init: {path}: the kernel contains {detail}; "
+                             "an adapter fit to it would be NaN from the first step")
 
 
 def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) -> tuple[Any, Any]:
@@ -227,13 +235,15 @@ def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) ->
     new_leaves = [v for _, v in leaves]
     adapter: dict = {}
     caches: dict[str, Array] = {}
+    finite_checks: list[tuple[str, Any, Array]] = []
     for i, mi in sorted(owner.items()):
         m = methods[mi]
         path, leaf = paths[i], leaves[i][1]
         layout, shape, dtype, _, _ = info[i]
         stack = layout.stack_shape(shape)
         w = matrix_of(leaf) if is_quantized(leaf) else layout.to_matrix(jnp.asarray(leaf)).astype(jnp.float32)
-        _check_finite(path, w)
+        finite_checks.append((path, leaf if is_quantized(leaf) else w,
+                              nf4.all_finite(leaf) if is_quantized(leaf) else jnp.all(jnp.isfinite(w))))
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         if stack:
             keys = jax.random.split(leaf_key, int(np.prod(stack)))
@@ -252,6 +262,7 @@ def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) ->
         if cache is not None:
             caches[path] = cache
 
+    _raise_not_finite(finite_checks)
     frozen = jax.tree_util.tree_unflatten(treedef, new_leaves)
     if caches and isinstance(frozen, Mapping):        # else the step recomputes them
         shared[BASE_SQ_NORMS] = caches

@@ -107,6 +107,20 @@ def test_nan_or_inf_in_a_kernel_is_an_error_naming_it():
         lj.quantize(params, lj.NF4())
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_an_nf4_kernel_with_non_finite_scales_is_an_error_naming_it(double_quant):
+    model, params, x, method = _setup()
+    q = lj.quantize(params, lj.NF4(double_quant=double_quant))
+    k = q["head"]["kernel"]
+    assert bool(lj.nf4.all_finite(k))
+    field = "offset" if double_quant else "absmax"
+    q["head"]["kernel"] = k.replace(**{field: getattr(k, field).at[0].set(jnp.nan) if not double_quant
+                                       else jnp.full_like(k.offset, jnp.nan)})
+    assert not bool(jnp.all(jnp.isfinite(lj.nf4.dequantize(q["head"]["kernel"]))))   # the scales reach w
+    with pytest.raises(ValueError, match=r"init: head/kernel: the kernel contains non-finite NF4 block scales"):
+        lj.init(method, q, jax.random.key(0))
+
+
 def test_two_paths_that_print_alike_are_refused():
     params = {"a/b": {"kernel": jnp.ones((4, 4))}, "a": {"b": {"kernel": jnp.ones((4, 4))}}}
     with pytest.raises(ValueError, match=r"two different parameter paths map to the same name 'a/b/kernel'"):

@@ -73,6 +73,7 @@ __all__ = [
     "NF4Array",
     "quantize",
     "dequantize",
+    "all_finite",
     "nf4_matmul",
     "to_bnb_state_dict",
     "from_bnb_state_dict",
@@ -362,8 +363,8 @@ def _check_float_dtype(dtype: Any, what: str) -> str:
     return name
 
 
-def _check_finite(x: jax.Array) -> None:
-    """Raise ValueError naming the count and first index of non-finite values (concrete x only)."""
+def _raise_not_finite(x: jax.Array) -> None:
+    """Raise ValueError naming the count and first index of the non-finite values of a concrete ``x``."""
     bad = ~jnp.isfinite(x)
     count = int(jnp.sum(bad))
     if count:
@@ -470,17 +471,20 @@ def _blockwise_absmax_scale(x: jax.Array, n: int, block_size: int, *, tail_divid
 
 
 def _quantize_impl(x: jax.Array, mshape: tuple[int, ...], block_size: int, double_quant: bool
-                   ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+                   ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None, jax.Array]:
+    """``(packed, absmax, nested, offset, finite)``; ``finite``: every element of ``x`` is finite (one
+    reduction fused with the absmax pass; XLA:CPU's max ignores NaN, so absmax alone cannot tell)."""
     batch = x.shape[: x.ndim - len(mshape)]
     n = math.prod(mshape)
     xf = x.reshape(*batch, n).astype(jnp.float32)
+    finite = jnp.all(jnp.isfinite(xf))
     absmax, s = _blockwise_absmax_scale(xf, n, block_size, tail_divide=True, clamp_zero_tail=True)
     # odd n: the pad element has s = 0 -> code 7 (bnb pads the scaled values with 0)
     codes = _nearest_nf4(s).reshape(*batch, -1)[..., : n + n % 2]
     pairs = codes.reshape(*batch, -1, 2)
     packed = ((pairs[..., 0] << 4) | pairs[..., 1]).astype(jnp.uint8)  # (q_2j << 4) | q_2j+1
     if not double_quant:
-        return packed, absmax, None, None
+        return packed, absmax, None, None, finite
     nb = absmax.shape[-1]
     # offset = mean_b absmax_b  (one block: copied, so a subnormal 1e-38 survives XLA's FTZ)
     # A true division like torch's: XLA rewrites `/ constant` into `* (1 / constant)` under jit,
@@ -493,7 +497,7 @@ def _quantize_impl(x: jax.Array, mshape: tuple[int, ...], block_size: int, doubl
     qa = jnp.searchsorted(jnp.asarray(_DYN_THRESHOLDS), sd, side="right")  # #{k : v >= t_k}
     qa = jnp.where(nested[..., None] > 0, qa, 0)  # an all-zero 256-block stores code 0 (bnb)
     qa = qa.astype(jnp.uint8).reshape(*batch, -1)[..., :nb]
-    return packed, qa, nested, offset
+    return packed, qa, nested, offset, finite
 
 
 # one compiled program per (shape, dtype, config) instead of op-by-op dispatch; inlined under jit
@@ -533,10 +537,12 @@ def quantize(x: Any, block_size: int = 64, double_quant: bool = False, *,
     mshape = tuple(int(s) for s in x.shape[batch_dims:])
     if math.prod(mshape) == 0 or math.prod(x.shape[:batch_dims]) == 0:
         raise ValueError(f"cannot quantize an empty array of shape {tuple(x.shape)}")
-    if not _is_tracer(x):
+    traced = _is_tracer(x)
+    if not traced:
         x = jnp.asarray(x)
-        _check_finite(x)
-    packed, absmax, nested, offset = _quantize_jit(x, mshape, block_size, bool(double_quant))
+    packed, absmax, nested, offset, finite = _quantize_jit(x, mshape, block_size, bool(double_quant))
+    if not traced and not bool(finite):
+        _raise_not_finite(x)
     return NF4Array(packed, absmax, nested, offset, shape=mshape, dtype=dtype,
                     block_size=block_size, double_quant=bool(double_quant))
 
@@ -592,6 +598,23 @@ def _dequantize_f32(q: NF4Array, pairs_lut: jax.Array) -> jax.Array:
     # pairs_lut carries any fake data dependency; pass it on to the scale decode too
     w = _expand_blocks(vals, _absmax_f32(q, pairs_lut[0, 0]), q.size, q.block_size)
     return w.reshape(*batch, *q.shape)
+
+
+def all_finite(q: NF4Array) -> jax.Array:
+    """Whether every dequantized value of ``q`` is finite, from its scales alone (a boolean scalar array).
+
+    ``w_i = NF4[code_i] · absmax_b`` with ``|NF4[k]| ≤ 1``, so ``w`` is finite iff every block scale is;
+    under double quantization ``absmax_b = dyn[a_b] · nested + offset`` with a finite 8-bit map, so it is
+    the ``nested_absmax`` and ``offset`` floats that must be. Reads ``n / block_size`` values, not ``n``.
+
+    >>> import jax.numpy as jnp
+    >>> q = quantize(jnp.ones((4, 64)))
+    >>> bool(all_finite(q)), bool(all_finite(q.replace(absmax=q.absmax.at[0].set(jnp.inf))))
+    (True, False)
+    """
+    _check_nf4(q)
+    scales = [q.nested_absmax, q.offset] if q.double_quant else [q.absmax]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(jnp.asarray(s, jnp.float32))) for s in scales]))
 
 
 def dequantize(q: NF4Array, dtype: Any = None) -> jax.Array:
