@@ -230,9 +230,10 @@ def build_lowrank_jax(model_name, quick):
         specs = [("frozen", False, False), ("lora8", False, False), ("dora8", False, False),
                  ("vera256", False, False), ("qlora8", False, False),
                  ("frozen_2d", True, False), ("lora8_2d", True, False),
-                 ("scan_lora8", False, True), ("scan_dora8", False, True)]
+                 ("scan_lora8", False, True), ("scan_dora8", False, True), ("scan_dora8_named", False, True)]
         if quick:
-            specs = [s for s in specs if s[0] in ("frozen", "lora8", "dora8", "qlora8")]
+            specs = [s for s in specs if s[0] in ("frozen", "lora8", "dora8", "qlora8", "scan_lora8", "scan_dora8",
+                                                  "scan_dora8_named")]
     else:
         targets = r".*/(query|key|value|dense)/kernel"
         specs = [("frozen", False, False), ("lora8", False, False), ("dora8", False, False),
@@ -244,17 +245,19 @@ def build_lowrank_jax(model_name, quick):
             return lj.LoRA(rank=8, alpha=16.0, targets=targets, quant=lj.NF4(block_size=64, double_quant=True))
         if base.startswith("lora"):
             return lj.LoRA(rank=8, alpha=16.0, targets=targets)
+        if base == "dora8_named":   # names its outputs "lin_out" itself; the model does not
+            return lj.DoRA(rank=8, alpha=16.0, targets=targets, output_name="lin_out")
         if base.startswith("dora"):
             return lj.DoRA(rank=8, alpha=16.0, targets=targets)
         return lj.VeRA(rank=256, targets=targets)
 
     built = {}
 
-    def model_for(flat, scan):
-        key = (flat, scan)
+    def model_for(flat, scan, policy="lin_out"):
+        key = (flat, scan, policy)
         if key not in built:
             if model_name == "bench":
-                model = ts.Net(scan=scan, policy="lin_out")
+                model = ts.Net(scan=scan, policy=policy)
                 x = bench_input(flat)
                 call_x = x
             else:
@@ -268,7 +271,8 @@ def build_lowrank_jax(model_name, quick):
 
     for name, flat, scan in specs:
         try:
-            model, x, params, layouts = model_for(flat, scan)
+            model, x, params, layouts = model_for(flat, scan, "lin_out_named_by_method" if name.endswith("_named")
+                                                  else "lin_out")
             if name.startswith("frozen"):
                 if model_name == "bench":
                     def step(c, p, xb, model=model):
@@ -551,6 +555,8 @@ PAIRS = {  # (numerator system, case) / (denominator system, case): the issue's 
         ("lowrank_jax VeRA / PEFT VeRA", ("lowrank_jax", "vera256"), ("peft", "vera256"), None),
         ("lowrank_jax QLoRA / PEFT QLoRA (bnb CPU)", ("lowrank_jax", "qlora8"), ("peft", "qlora8"), None),
         ("DoRA / LoRA, nn.scan + remat(save lin_out)", ("lowrank_jax", "scan_dora8"), ("lowrank_jax", "scan_lora8"), 1.15),
+        ("DoRA(output_name='lin_out') / LoRA, nn.scan + remat(save lin_out)", ("lowrank_jax", "scan_dora8_named"),
+         ("lowrank_jax", "scan_lora8"), 1.15),
         ("DoRA / LoRA, unrolled", ("lowrank_jax", "dora8"), ("lowrank_jax", "lora8"), None),
         ("QLoRA / LoRA (ours)", ("lowrank_jax", "qlora8"), ("lowrank_jax", "lora8"), None),
         ("our NNX DoRA / our linen DoRA", ("lowrank_jax", "nnx_dora8"), ("lowrank_jax", "dora8"), 1.05),

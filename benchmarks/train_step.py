@@ -78,6 +78,9 @@ POLICIES: dict[str, Any] = {
     "lin_out": lambda: jax.checkpoint_policies.save_only_these_names("lin_out"),
     # also keep DoRA's pre-scale output (its magnitude gradient needs it): no base-matmul recompute
     "lin_out_dora": lambda: jax.checkpoint_policies.save_only_these_names("lin_out", lj.DORA_PRE_SCALE),
+    # save "lin_out", but the model does not name its linear outputs: DoRA(output_name="lin_out") names
+    # its own (and its backward reads the pre-scale output back from them)
+    "lin_out_named_by_method": lambda: jax.checkpoint_policies.save_only_these_names("lin_out"),
     "nothing": lambda: jax.checkpoint_policies.nothing_saveable,
     "dots": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "none": lambda: None,  # nn.scan without nn.remat
@@ -99,7 +102,7 @@ class Net(nn.Module):
                 body = nn.remat(Block, policy=POLICIES[self.policy](), prevent_cse=False)
             blocks = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
                              length=self.layers)
-            x, _ = blocks(self.d, self.f, self.policy.startswith("lin_out"), name="blocks")(x, None)
+            x, _ = blocks(self.d, self.f, self.policy in ("lin_out", "lin_out_dora"), name="blocks")(x, None)
         else:
             for i in range(self.layers):
                 x, _ = Block(self.d, self.f, False, name=f"block_{i}")(x)

@@ -53,8 +53,11 @@ ROWS = {
     "lora_pissa": Row(lambda t: lj.LoRA(rank=2, alpha=4.0, targets=t, init="pissa"), exact_init=False, peft=False),
     "dora": Row(lambda t: lj.DoRA(rank=2, alpha=4.0, targets=t, detach_norm=False)),
     "dora_detached": Row(lambda t: lj.DoRA(rank=2, alpha=4.0, targets=t)),
+    # the backward reads the pre-scale output back from the named scaled output (remat policies)
+    "dora_output_name": Row(lambda t: lj.DoRA(rank=2, alpha=4.0, targets=t, detach_norm=False, output_name="out")),
     "vera": Row(lambda t: lj.VeRA(rank=8, targets=t)),
     "dvora": Row(lambda t: lj.DVoRA(rank=8, targets=t), peft=False),
+    "dvora_output_name": Row(lambda t: lj.DVoRA(rank=8, targets=t, detach_norm=False, output_name="out"), peft=False),
     "qlora": Row(lambda t: lj.LoRA(rank=2, alpha=4.0, targets=t, quant=NF4_SMALL)),
     "qdora": Row(lambda t: lj.DoRA(rank=2, alpha=4.0, targets=t, quant=NF4_SMALL)),
     "lora_qv_on_nf4_base": Row(lambda t: lj.LoRA(rank=2, alpha=4.0, targets=t), base=_whole_base, targets=QV,

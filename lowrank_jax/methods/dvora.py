@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax.methods.base import OUT, ArraySpec, FrozenInputs, check_bool
-from lowrank_jax.methods.lora import at_least_f32, column_norm, factored_sq_norm, magnitude_scale, rescaled_output, safe_sqrt
+from lowrank_jax.methods.lora import (at_least_f32, check_output_name, column_norm, factored_sq_norm, magnitude_scale,
+                                      rescaled_output, safe_sqrt)
 from lowrank_jax.methods.vera import VeRA
 
 Array = jax.Array
@@ -35,7 +36,9 @@ class DVoRA(VeRA):
 
     Args are those of :class:`~lowrank_jax.VeRA` (``rank=256``, ``targets``, ``d_initial=0.1``,
     ``seed=0`` — the same seed gives the same shared projections as ``VeRA``, ``dropout``), plus
-    ``detach_norm`` (default ``True``, as DoRA): treat ``‖W0 + ΔW‖_col`` as a constant in the backward.
+    ``detach_norm`` (default ``True``, as DoRA): treat ``‖W0 + ΔW‖_col`` as a constant in the backward,
+    and ``output_name`` (default ``None``; as :class:`~lowrank_jax.DoRA`'s, for remat policies that save only
+    layer outputs).
 
     Example:
       >>> import jax, jax.numpy as jnp, lowrank_jax as lj
@@ -46,10 +49,12 @@ class DVoRA(VeRA):
     """
 
     detach_norm: bool = True
+    output_name: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
         check_bool(self.detach_norm, "detach_norm", "DVoRA")
+        check_output_name(self.output_name, "DVoRA")
 
     arrays = MappingProxyType({**VeRA.arrays, "m": ArraySpec((OUT,))})
 
@@ -82,4 +87,4 @@ class DVoRA(VeRA):
         w = frozen.kernel()
         a, b = self._factors(w.shape[0], w.shape[1], params, frozen.shared)
         scale = self._scale(safe_sqrt(factored_sq_norm(w, a, b, 1.0, frozen.cache)), params)
-        return rescaled_output(y, bias, self.branch(x, params, frozen.shared), scale)
+        return rescaled_output(y, bias, self.branch(x, params, frozen.shared), scale, self.output_name)

@@ -18,6 +18,7 @@ the backward pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from types import MappingProxyType
 from typing import Any
 
@@ -184,7 +185,16 @@ class DoRA(_LowRank):
     over the input axis for each output unit — PEFT's ``lora_magnitude_vector``.
 
     Args are those of :class:`LoRA`, plus ``detach_norm`` (default ``True``, as in the paper and PEFT):
-    treat ``‖W0 + s·A@B‖_col`` as a constant in the backward pass.
+    treat ``‖W0 + s·A@B‖_col`` as a constant in the backward pass, and ``output_name`` (default ``None``):
+    for ``jax.checkpoint``/``nn.remat`` policies that save only layer outputs. The magnitude's gradient
+    ``∂L/∂m_j ∝ Σ_t dy_tj · P_tj`` needs the pre-scale output ``P = x@W0 + s·(x@A)@B``, which such a
+    policy does not keep, so by default the backward recomputes ``x@W0``. With ``output_name="lin_out"``
+    the layer's scaled output ``O = k ⊙ P`` (before the bias) is named ``"lin_out"`` and the backward
+    reads ``P = O / k`` from it (:func:`rescaled_output`): a policy saving ``"lin_out"`` then keeps
+    nothing more than for LoRA and recomputes no base matmul. Name the adapted layers' outputs this way
+    *instead of* with your own ``checkpoint_name`` on them (both would save the tensor twice). A column
+    with ``m_j = 0`` exactly (``k_j = 0``) loses ``P_j``; its ``m_j`` gradient is then NaN, never a
+    silent wrong value (``make_train_step(nan_guard=True)`` skips such a step).
     """
 
     rank: int = 8
@@ -195,10 +205,12 @@ class DoRA(_LowRank):
     detach_norm: bool = True
     init: str = "kaiming_uniform"
     quant: Any = None
+    output_name: str | None = None
 
     def __post_init__(self):
         _validate_low_rank(self, "DoRA")
         check_bool(self.detach_norm, "detach_norm", "DoRA")
+        check_output_name(self.output_name, "DoRA")
 
     arrays = MappingProxyType({**_FACTORS, "m": ArraySpec((OUT,), "lora_magnitude_vector")})
 
@@ -234,21 +246,59 @@ class DoRA(_LowRank):
         """``k ⊙ (y − bias + s·(x@A)@B) + bias`` with ``k = m / ‖W0 + s·A@B‖_col`` (no ``(in, out)``
         temporary; :func:`rescaled_output`)."""
         scale = self.output_scale(frozen.kernel(), params, frozen.cache)
-        return rescaled_output(y, bias, self.branch(x, params), scale)
+        return rescaled_output(y, bias, self.branch(x, params), scale, self.output_name)
 
 
-def rescaled_output(y: Array, bias: Array | None, branch: Array, scale: Array) -> Array:
+def check_output_name(name: Any, method: str) -> None:
+    """``output_name`` is ``None`` or a non-empty string (a ``checkpoint_name``)."""
+    if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"{method}: output_name must be None or a non-empty str (a jax checkpoint_name), "
+                        f"got {name!r}")
+
+
+def rescaled_output(y: Array, bias: Array | None, branch: Array, scale: Array,
+                    output_name: str | None = None) -> Array:
     """``k ⊙ (y − bias + branch) + bias`` in the branch's dtype, cast back to ``y``'s: the factored
     output of a magnitude/direction method (DoRA, DVoRA) given its base output ``y = x@W0 + bias``,
-    its additive branch and ``k = m / ‖W0 + ΔW‖_col``. The pre-scale sum is named
-    :data:`DORA_PRE_SCALE` (the magnitude's gradient needs it) for remat policies."""
+    its additive branch and ``k = m / ‖W0 + ΔW‖_col``.
+
+    The magnitude's gradient needs the pre-scale sum ``P = y − bias + branch``. Without
+    ``output_name`` it is named :data:`DORA_PRE_SCALE` for remat policies. With ``output_name`` the
+    scaled output ``O = k ⊙ P`` is named ``output_name`` and is the only tensor the backward keeps:
+    ``∂L/∂P = dy ⊙ k`` and ``∂L/∂k_j = Σ_t dy_tj · O_tj / k_j`` (= ``Σ_t dy_tj · P_tj``; NaN where
+    ``k_j = 0``, since ``O_j = 0`` has lost ``P_j``).
+    """
     adt = branch.dtype
     y_nobias = y - bias.astype(y.dtype) if bias is not None else y
-    pre = checkpoint_name(y_nobias.astype(adt) + branch, DORA_PRE_SCALE)
-    out = pre * scale.astype(adt)[None, :]
+    pre = y_nobias.astype(adt) + branch
+    if output_name is None:
+        out = checkpoint_name(pre, DORA_PRE_SCALE) * scale.astype(adt)[None, :]
+    else:
+        out = _scale_columns(pre, scale.astype(adt), output_name)
     if bias is not None:
         out = out + bias.astype(adt)
     return out.astype(y.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _scale_columns(pre: Array, scale: Array, name: str) -> Array:
+    """``pre ⊙ scale`` over columns, whose backward reads only its own (named) output."""
+    return pre * scale[None, :]
+
+
+def _scale_columns_fwd(pre: Array, scale: Array, name: str) -> tuple[Array, tuple[Array, Array]]:
+    out = checkpoint_name(pre * scale[None, :], name)
+    return out, (out, scale)
+
+
+def _scale_columns_bwd(name: str, res: tuple[Array, Array], dy: Array) -> tuple[Array, Array]:
+    out, scale = res
+    s32 = at_least_f32(scale)
+    d_scale = jnp.sum(at_least_f32(dy) * at_least_f32(out), axis=0) / s32       # Σ_t dy·O / k = Σ_t dy·P
+    return dy * scale[None, :], d_scale.astype(scale.dtype)
+
+
+_scale_columns.defvjp(_scale_columns_fwd, _scale_columns_bwd)
 
 
 def factored_sq_norm(w: Array, a: Array, b: Array, s: float, w_sq: Array | None = None) -> Array:
