@@ -503,12 +503,21 @@ def worker(system, model_name, quick):
             out.flush()
             return
         r = int(cmd[1])
+        reps = int(cmd[2]) if len(cmd) > 2 else 1
         order = live[r % len(live):] + live[:r % len(live)] if live else []
         times, losses = {}, {}
         for k in order:
-            t = time.perf_counter()
-            v = sync(cases[k][0]())
-            times[k] = time.perf_counter() - t
+            # reps > 1: the first step of a case pays for the caches the previous case (or process) evicted;
+            # time the mean of the following reps - 1 steps
+            for i in range(reps):
+                t = time.perf_counter()
+                v = sync(cases[k][0]())
+                if i == 0:
+                    t_first = time.perf_counter() - t
+                    total = 0.0
+                else:
+                    total += time.perf_counter() - t
+            times[k] = total / (reps - 1) if reps > 1 else t_first
             try:
                 losses[k] = float(v[0] if isinstance(v, tuple) else v)
             except Exception:  # noqa: BLE001
@@ -585,7 +594,7 @@ def paired(times, a, b):
     return statistics.median(rs), q
 
 
-def run_model(model_name, systems, rounds, quick):
+def run_model(model_name, systems, rounds, quick, reps=1):
     log(f"=== model {model_name}: building {', '.join(systems)} (one at a time)")
     workers = []
     for s in systems:
@@ -606,7 +615,7 @@ def run_model(model_name, systems, rounds, quick):
         t_round = time.perf_counter()
         k = r % len(workers)
         for w in workers[k:] + workers[:k]:
-            w.send(f"round {r}")
+            w.send(f"round {r} {reps}")
             rep = w.read()
             for c, t in rep["times"].items():
                 if r > 0:
@@ -692,8 +701,11 @@ def main(argv=None):
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {','.join(SYSTEMS)}")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds after 1 warm-up (default 6; --quick 2)")
     ap.add_argument("--quick", action="store_true",
-                    help="bench model, core methods only (frozen, LoRA, DoRA, QLoRA; no VeRA, 2-D, scan or NNX-path "
-                         "variants), 2 timed rounds (4 rounds took 25 min at load average 8-10 on 2 cores; quiet: not measured)")
+                    help="bench model, core methods only (frozen, LoRA, DoRA, QLoRA and the nn.scan + remat LoRA/DoRA "
+                         "cases; no VeRA, 2-D or NNX-path variants), 2 timed rounds")
+    ap.add_argument("--reps", type=int, default=1,
+                    help="steps per case per round; with 2 or more the first is untimed (cold caches after the "
+                         "previous case or process) and the mean of the others is the round's time")
     ap.add_argument("--json", help="write every number (per-round times, memory, compile, RSS) here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -701,13 +713,15 @@ def main(argv=None):
     if args.worker:
         worker(args.worker, args.model, args.quick)
         return 0
+    if args.reps < 1:
+        ap.error(f"--reps must be >= 1, got {args.reps}")
     models = (args.models or ("bench" if args.quick else "bench,minilm")).split(",")
     systems = [s for s in args.systems.split(",") if s]
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 6)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "argv": sys.argv, "python": platform.python_version(), "cpus": os.cpu_count(),
             "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "rounds": rounds, "quick": args.quick,
-            "loadavg_start": os.getloadavg()}
+            "loadavg_start": os.getloadavg(), "reps": args.reps}
     try:
         meta["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except Exception:  # noqa: BLE001
@@ -716,7 +730,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     results = {}
     for m in models:
-        results[m] = run_model(m, systems, rounds, args.quick)
+        results[m] = run_model(m, systems, rounds, args.quick, args.reps)
         print_model(m, results[m])
         sys.stdout.flush()
     meta["wall_s"] = time.perf_counter() - t0
