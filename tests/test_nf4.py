@@ -158,7 +158,8 @@ _BNB_CASES = [
 def test_quantize_dequantize_match_bitsandbytes(shape, dtype, block_size, double_quant):
     torch = pytest.importorskip("torch")
     F = pytest.importorskip("bitsandbytes.functional")
-    rng = np.random.default_rng(hash((shape, dtype, block_size)) % 2**32)
+    # a stable seed (hash() of a str tuple changes with PYTHONHASHSEED, i.e. with every process)
+    rng = np.random.default_rng(int(hashlib.sha256(repr((shape, dtype, block_size)).encode()).hexdigest()[:8], 16))
     x32 = (rng.standard_normal(shape) * rng.uniform(0.01, 10)).astype(np.float32)
     if shape == (33, 47):
         x32[:, :3] = 0.0
@@ -179,8 +180,9 @@ def test_quantize_dequantize_match_bitsandbytes(shape, dtype, block_size, double
         assert out.dtype == jnp.dtype(dtype)
         np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), ref)
         return
-    # offset = mean(absmax): torch's summation order may differ from XLA's by an ulp
-    assert _ulp_diff(q.offset, st.offset.numpy()) <= 2
+    # offset = mean(absmax): torch's summation order differs from XLA's; on 60 random 33×47 matrices the
+    # offsets differed by 0 / 1 / 2 / 4 ulps in 28 / 20 / 11 / 1 cases
+    assert _ulp_diff(q.offset, st.offset.numpy()) <= 4
     if np.asarray(q.offset) == st.offset.numpy():
         np.testing.assert_array_equal(np.asarray(q.absmax), st.absmax.numpy())
         np.testing.assert_array_equal(np.asarray(q.nested_absmax), st.state2.absmax.numpy())

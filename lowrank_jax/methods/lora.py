@@ -194,7 +194,9 @@ class DoRA(_LowRank):
     nothing more than for LoRA and recomputes no base matmul. Name the adapted layers' outputs this way
     *instead of* with your own ``checkpoint_name`` on them (both would save the tensor twice). A column
     with ``m_j = 0`` exactly (``k_j = 0``) loses ``P_j``; its ``m_j`` gradient is then NaN, never a
-    silent wrong value (``make_train_step(nan_guard=True)`` skips such a step).
+    silent wrong value (``make_train_step(nan_guard=True)`` skips such a step). Adapters stacked with
+    :func:`lowrank_jax.stack` run the default path (same values; ``output_name`` only changes what a remat
+    policy can save).
     """
 
     rank: int = 8

@@ -48,10 +48,10 @@ blocked where bitsandbytes rounds separately).
 
 Note on ``offset``: bitsandbytes computes it with ``torch.mean`` (fp32, PyTorch's own
 vectorised summation order, which depends on the CPU's vector width).  Here it is
-``sum(absmax) / n_blocks`` in fp32 with XLA's reduction order, so on large layers it can differ from
-bitsandbytes by an ulp, which can move a uint8 absmax code by one step of the dynamic map (that
-block's scale then differs by < 1 % of ``nested_absmax``).  Given the same offset, the codes are
-bit-identical; a state dict written by bitsandbytes is always loaded exactly.
+``sum(absmax) / n_blocks`` in fp32 with XLA's reduction order, so it can differ from bitsandbytes by a
+few ulps (0–4 on the random matrices of tests/test_nf4.py), which can move a uint8 absmax code by one
+step of the dynamic map (that block's scale then differs by < 1 % of ``nested_absmax``).  Given the
+same offset, the codes are bit-identical; a state dict written by bitsandbytes is always loaded exactly.
 """
 
 from __future__ import annotations
