@@ -74,17 +74,11 @@ def format_rows(rows: Sequence[Mapping[str, Any]], key: str) -> str:
     return "\n".join(lines)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_rank(results: Mapping[str, Any], path: str | Path) -> None:
     """Accuracy, trainable parameters and step time against the rank (log₂ x), one line per method."""
-    plt = _plt()
+    from lowrank_jax.compare import pyplot, save_figure
+
+    plt = pyplot()
     rows = results["rank"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     timed = "step_time_interleaved_s" if all("step_time_interleaved_s" in r for r in rows) else "step_time_s"
@@ -102,16 +96,15 @@ def plot_rank(results: Mapping[str, Any], path: str | Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     cfg = results.get("config", {})
-    fig.suptitle(f"rank sweep ({cfg.get('model', '')}, {cfg.get('targets', '')} q/v, α = 2r, "
-                 f"{cfg.get('steps', '?')} steps × {cfg.get('batch_size', '?')})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, f"rank sweep ({cfg.get('model', '')}, {cfg.get('targets', '')} q/v, α = 2r, "
+                f"{cfg.get('steps', '?')} steps × {cfg.get('batch_size', '?')})", dpi=90)
 
 
 def plot_detach(results: Mapping[str, Any], path: str | Path) -> None:
     """Three bar panels (accuracy, peak step memory, step time): DoRA norm detached vs differentiated."""
-    plt = _plt()
+    from lowrank_jax.compare import pyplot, save_figure
+
+    plt = pyplot()
     rows = results["detach"]
     labels = ["detached" if r["detach_norm"] else "differentiated" for r in rows]
     timed = "step_time_interleaved_s" if all("step_time_interleaved_s" in r for r in rows) else "step_time_s"
@@ -129,11 +122,8 @@ def plot_detach(results: Mapping[str, Any], path: str | Path) -> None:
         ax.set_ylabel(label)
         ax.grid(True, axis="y", alpha=0.3)
     cfg = results.get("config", {})
-    fig.suptitle(f"DoRA r={cfg.get('rank', '?')}: column norm detached vs differentiated "
-                 f"({cfg.get('steps', '?')} steps)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, f"DoRA r={cfg.get('rank', '?')}: column norm detached vs differentiated "
+                f"({cfg.get('steps', '?')} steps)", dpi=90)
 
 
 def time_interleaved(task: Any, variants: Sequence[tuple[str, Any]], batch: Mapping[str, Any], rounds: int,

@@ -129,10 +129,9 @@ def _record(name: str, step: int, trainable: Any, frozen: Any, params0: Any, tar
 
 def plot_analysis(results: Mapping[str, Any], path: str | Path) -> None:
     """ΔD (x) vs ΔM (y), one panel per method (columns) and kernel (rows); colour = step, marker = layer."""
-    import matplotlib
+    from lowrank_jax.compare import pyplot, save_figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     methods = [m for m in results["methods"] if m.get("points")]
     kernels = sorted({p["kernel"] for m in methods for p in m["points"]})
@@ -172,11 +171,9 @@ def plot_analysis(results: Mapping[str, Any], path: str | Path) -> None:
                 for i, s in enumerate(steps)]
     fig.legend(handles=handles, loc="center right", fontsize=8)
     cfg = results.get("config", {})
-    fig.suptitle(f"magnitude vs direction change: {cfg.get('model', '')} on Rotten Tomatoes, "
-                 f"{cfg.get('steps', '?')} steps, rank {cfg.get('rank', '?')}", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 0.88, 1))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, f"magnitude vs direction change: {cfg.get('model', '')} on Rotten Tomatoes, "
+                f"{cfg.get('steps', '?')} steps, rank {cfg.get('rank', '?')}", dpi=90, rect=(0, 0, 0.88, 1),
+                title_size=11)
 
 
 _LABEL = {"full": "FT", "lora": "LoRA", "dora": "DoRA", "vera": "VeRA", "dvora": "DVoRA", "qlora": "QLoRA",

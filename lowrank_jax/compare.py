@@ -69,6 +69,8 @@ __all__ = [
     "run_compare",
     "format_table",
     "plot_results",
+    "pyplot",
+    "save_figure",
 ]
 
 MINILM_METHODS: tuple[str, ...] = ("full", "probe", "lora", "dora", "vera", "qlora", "qdora")
@@ -637,12 +639,27 @@ def format_table(methods: Sequence[Mapping[str, Any]], failed: Sequence[Mapping[
     return "\n".join(lines)
 
 
-def plot_results(results: Mapping[str, Any], path: str | Path) -> None:
-    """Save a two-panel PNG: test accuracy vs trainable parameters (log x) and the loss curves."""
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (the figures are only written to files)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, title: str, dpi: int = 100, rect: tuple[float, ...] | None = None,
+                title_size: float | None = None) -> None:
+    """Title ``fig``, lay it out (inside ``rect``, figure coordinates), write it to ``path`` and close it."""
+    fig.suptitle(title, fontsize=title_size)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def plot_results(results: Mapping[str, Any], path: str | Path) -> None:
+    """Save a two-panel PNG: test accuracy vs trainable parameters (log x) and the loss curves."""
+    plt = pyplot()
 
     methods = results["methods"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -676,11 +693,8 @@ def plot_results(results: Mapping[str, Any], path: str | Path) -> None:
     if any(r["train_loss"] for r in methods):
         ax2.legend()
     cfg = results.get("config", {})
-    fig.suptitle(f"{cfg.get('model', '')} on Rotten Tomatoes: {cfg.get('steps', '?')} steps × batch "
-                 f"{cfg.get('batch_size', '?')}, seq ≤ {cfg.get('seq_len', '?')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"{cfg.get('model', '')} on Rotten Tomatoes: {cfg.get('steps', '?')} steps × batch "
+                f"{cfg.get('batch_size', '?')}, seq ≤ {cfg.get('seq_len', '?')}", dpi=110)
 
 
 def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -134,10 +134,9 @@ def format_summary(summary: Sequence[Mapping[str, Any]], sweep: Mapping[str, Any
 
 def plot_summary(results: Mapping[str, Any], path: str | Path) -> None:
     """Two panels: test accuracy (mean ± std over seeds) vs trainable parameters; mean training loss."""
-    import matplotlib
+    from lowrank_jax.compare import pyplot, save_figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     summary = results["summary"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -161,12 +160,9 @@ def plot_summary(results: Mapping[str, Any], path: str | Path) -> None:
     if summary:
         ax2.legend()
     cfg = results.get("config", {})
-    fig.suptitle(f"{cfg.get('model', '')} on Rotten Tomatoes, seeds {cfg.get('seeds')}"
-                 f"{' (one vmapped sweep per method)' if cfg.get('sweep') else ''}: {cfg.get('steps', '?')} steps "
-                 f"× batch {cfg.get('batch_size', '?')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, f"{cfg.get('model', '')} on Rotten Tomatoes, seeds {cfg.get('seeds')}"
+                f"{' (one vmapped sweep per method)' if cfg.get('sweep') else ''}: {cfg.get('steps', '?')} steps "
+                f"× batch {cfg.get('batch_size', '?')}")
 
 
 # ------------------------------------------------------------------------------------------- sweep
