@@ -174,6 +174,34 @@ def test_unrecognised_layer_falls_back_to_merge_with_a_warning_and_custom_layers
     np.testing.assert_allclose(y2, ref, rtol=1e-5, atol=1e-5)
 
 
+_TRACES: list = []
+
+
+class _CountingDense(nn.Module):
+    """nn.Dense inside a module whose Python body counts how often the model is traced."""
+
+    @nn.compact
+    def __call__(self, x):
+        _TRACES.append(1)
+        return nn.Dense(4, name="d")(x)
+
+
+def test_apply_traces_the_model_once_when_every_target_is_consumed():
+    calls = _TRACES
+    model = _CountingDense()
+    x = jnp.ones((2, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    frozen, adapter = lj.init(lj.LoRA(rank=2, targets=r"d/kernel"), params, jax.random.key(1))
+    calls.clear()
+    jax.jit(lambda a, f: lj.apply(model, {"params": f}, a, x)).lower(adapter, frozen)
+    assert len(calls) == 1       # one trace (an earlier version probed with eval_shape first: 2)
+    calls.clear()
+    y = lj.apply(model, {"params": frozen}, randomize(adapter), x)
+    assert len(calls) == 1
+    np.testing.assert_allclose(y, model.apply({"params": lj.merge(frozen, randomize(adapter))}, x),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_dropout_only_on_adapter_branch():
     model = CustomModel()
     x = jax.random.normal(jax.random.key(0), (64, 5))

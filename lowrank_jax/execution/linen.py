@@ -244,11 +244,14 @@ def apply(model: nn.Module, variables: Mapping[str, Any], adapter: Any, *args,
         with nn.intercept_methods(handler):
             return model.apply({**variables, "params": params}, *args, **kwargs)
 
+    # One trace that also records which targets a recognised layer consumed: the common case (all of
+    # them) returns it as is; otherwise its result is dropped (dead code under jit) and the model is
+    # run again with the unconsumed kernels merged.
     consumed: set = set()
-    jax.eval_shape(lambda: run(nodes, base, consumed))
+    out = run(nodes, base, consumed)
     missing = [p for p in targets if p not in consumed]
     if not missing:
-        return run(nodes, base, None)
+        return out
 
     warnings.warn(
         "lowrank_jax.apply: these adapted or NF4 kernels are not consumed by a recognised layer "
