@@ -77,6 +77,23 @@ def test_quantize_is_traceable_on_abstract_params(mlp):
     assert out["embed"]["embedding"].dtype == jnp.bfloat16
 
 
+def test_non_finite_kernel_among_many_is_named_after_all_are_dispatched():
+    """The finite flags of every kernel are fetched together at the end; the error still names the bad
+    kernel (not the first or last) with its count and first index."""
+    good = jax.random.normal(jax.random.key(0), (16, 8))
+    params = {f"l{i}": {"kernel": good + i} for i in range(4)}
+    params["l2"]["kernel"] = params["l2"]["kernel"].at[3, 5].set(jnp.inf).at[7, 1].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"^l2/kernel: cannot NF4-quantize this kernel: .*2 non-finite "
+                                         r"value\(s\).*first at index \(1, 7\)"):
+        lj.quantize(params, lj.NF4(block_size=16))
+    with pytest.raises(ValueError, match=r"l2/kernel: cannot NF4-quantize"):
+        lj.init(lj.LoRA(rank=2, targets=r"l[0-3]/kernel", quant=lj.NF4(block_size=16)), params, jax.random.key(1))
+    del params["l2"]
+    q = lj.quantize(params, lj.NF4(block_size=16))
+    np.testing.assert_array_equal(
+        np.asarray(q["l3"]["kernel"].packed), np.asarray(lj.quant.nf4.quantize(params["l3"]["kernel"].T, 16).packed))
+
+
 def test_targets_errors_and_layouts():
     params = {"a": {"kernel": jnp.ones((4, 8, 2))}, "b": {"kernel": jnp.ones((8, 8)).at[1, 2].set(jnp.nan)}}
     with pytest.raises(ValueError, match=r"a/kernel: kernel of shape \(4, 8, 2\) has 3 axes"):

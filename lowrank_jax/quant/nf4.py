@@ -72,6 +72,7 @@ __all__ = [
     "DYNAMIC_MAP_SIGNED",
     "NF4Array",
     "quantize",
+    "quantize_flagged",
     "dequantize",
     "all_finite",
     "nf4_matmul",
@@ -519,7 +520,31 @@ def quantize(x: Any, block_size: int = 64, double_quant: bool = False, *,
         double_quant: also quantize the block scales (8-bit dynamic map, blocks of 256).
         batch_dims: number of leading stack axes (``0 <= batch_dims < x.ndim``).
 
-    Under ``jax.jit`` the NaN/inf check is skipped (it needs concrete values).
+    Raises:
+        ValueError: ``x`` contains NaN/inf (count and first index named), or is empty.
+
+    Under ``jax.jit`` the NaN/inf check is skipped (it needs concrete values); use
+    :func:`quantize_flagged` to get the check's flag as an array.
+    """
+    q, finite = quantize_flagged(x, block_size, double_quant, batch_dims=batch_dims)
+    if not _is_tracer(finite) and not bool(finite):
+        _raise_not_finite(jnp.asarray(x))
+    return q
+
+
+def quantize_flagged(x: Any, block_size: int = 64, double_quant: bool = False, *,
+                     batch_dims: int = 0) -> tuple[NF4Array, jax.Array]:
+    """:func:`quantize` without the host check: ``(q, finite)``, ``finite`` a boolean scalar array —
+    whether every element of ``x`` is finite — computed in the same compiled pass.
+
+    For callers that quantize many kernels and check every flag in one transfer at the end (no host
+    synchronisation per kernel), or that quantize under ``jax.jit``.  A ``False`` flag means ``q`` is
+    garbage: the caller must raise.
+
+    >>> import jax.numpy as jnp
+    >>> q, ok = quantize_flagged(jnp.array([[1.0, jnp.nan]]))
+    >>> bool(ok)
+    False
     """
     block_size = _check_block_size(block_size)
     if not isinstance(double_quant, (bool, np.bool_)):
@@ -537,14 +562,11 @@ def quantize(x: Any, block_size: int = 64, double_quant: bool = False, *,
     mshape = tuple(int(s) for s in x.shape[batch_dims:])
     if math.prod(mshape) == 0 or math.prod(x.shape[:batch_dims]) == 0:
         raise ValueError(f"cannot quantize an empty array of shape {tuple(x.shape)}")
-    traced = _is_tracer(x)
-    if not traced:
+    if not _is_tracer(x):
         x = jnp.asarray(x)
     packed, absmax, nested, offset, finite = _quantize_jit(x, mshape, block_size, bool(double_quant))
-    if not traced and not bool(finite):
-        _raise_not_finite(x)
     return NF4Array(packed, absmax, nested, offset, shape=mshape, dtype=dtype,
-                    block_size=block_size, double_quant=bool(double_quant))
+                    block_size=block_size, double_quant=bool(double_quant)), finite
 
 
 # --------------------------------------------------------------------------------------------
