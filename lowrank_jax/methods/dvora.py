@@ -86,5 +86,7 @@ class DVoRA(VeRA):
         """``k ⊙ (y − bias + ((x@Aᵀ) ⊙ λ_d)@Bᵀ ⊙ λ_b) + bias``, ``k = m / ‖W0 + ΔW‖_col`` (factored)."""
         w = frozen.kernel()
         a, b = self._factors(w.shape[0], w.shape[1], params, frozen.shared)
+        if self.detach_norm:   # a constant of the backward: autodiff traces no JVP through the norm
+            a, b = jax.lax.stop_gradient(a), jax.lax.stop_gradient(b)
         scale = self._scale(safe_sqrt(factored_sq_norm(w, a, b, 1.0, frozen.cache)), params)
         return rescaled_output(y, bias, self.branch(x, params, frozen.shared), scale, self.output_name)

@@ -240,7 +240,10 @@ class DoRA(_LowRank):
     def output_scale(self, w: Array, params: dict[str, Array], cache: Array | None = None) -> Array:
         """``m / ‖W0 + s·A@B‖_col`` computed without an ``(in, out)`` temporary (:func:`factored_sq_norm`);
         ``‖W0_j‖²`` may be supplied precomputed as ``cache``."""
-        sq = factored_sq_norm(w, at_least_f32(params["a"]), at_least_f32(params["b"]), self.scaling, cache)
+        a, b = at_least_f32(params["a"]), at_least_f32(params["b"])
+        if self.detach_norm:   # a constant of the backward: autodiff traces no JVP through the norm
+            a, b = jax.lax.stop_gradient(a), jax.lax.stop_gradient(b)
+        sq = factored_sq_norm(w, a, b, self.scaling, cache)
         return self._scale(safe_sqrt(sq), params)
 
     def forward(self, x: Array, y: Array, bias: Array | None, params: dict[str, Array],
