@@ -6,7 +6,9 @@ and dots after::
 
     python benchmarks/diag_compile.py [--json out.json]
 
-Each case is lowered and compiled once in this process (fresh functions, so nothing is cached).
+Each case's step is lowered and compiled once in this process (a fresh step function: its program is never
+a cache hit; the library's small jitted helpers are, and the first case also pays one-time tracing warm-up).
+Dots are XLA:CPU ``dot`` instructions (a oneDNN/custom-call matmul would not be counted).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lowrank_jax as lj  # noqa: E402
 import train_step as ts  # noqa: E402  (the bench model)
+
+
+# an HLO instruction line: `[ROOT ]%name = <shape> <opcode>(...)`; a tuple shape is `(s1, s2, ...)`
+HLO_OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.-]+ = (?:\([^()]*\)|\S+) ([\w-]+)\(", re.M)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +67,7 @@ def main(argv=None):
         compiled = lowered.compile()
         t2 = time.perf_counter()
         pre = len(re.findall(r"^\s+%\S+ = ", lowered.as_text(), re.M))
-        ops = collections.Counter(re.findall(r"= \S+ (\w[\w-]*)\(", compiled.as_text()))
+        ops = collections.Counter(HLO_OP.findall(compiled.as_text()))
         rows[name] = {"lower_s": t1 - t0, "compile_s": t2 - t1, "stablehlo_ops": pre,
                       "hlo_instructions": sum(ops.values()), "fusions": ops["fusion"], "dots": ops["dot"]}
         r = rows[name]

@@ -38,6 +38,8 @@ def main(argv=None):
     p.add_argument("--warm-reps", type=int, default=3)
     p.add_argument("--json")
     args = p.parse_args(argv)
+    if args.warm_reps < 1:
+        p.error(f"--warm-reps must be >= 1, got {args.warm_reps}")
 
     x = jnp.ones((8, 256, 1024), jnp.float32)
     params = jax.block_until_ready(jax.jit(ts.Net().init)(jax.random.key(0), x)["params"])

@@ -223,6 +223,11 @@ def apply(model: nn.Module, variables: Mapping[str, Any], adapter: Any, *args,
     Returns:
       What ``model.apply`` returns. Call it inside your jitted function: the interception is entered
       while tracing, so a jit cache can never hold a trace without (or with another) adapter.
+
+    The model runs once. A targeted kernel that no recognised layer consumes (a custom layer not in
+    ``custom_layers``) is found in that run; the model then runs a second time with that kernel merged
+    (NF4: dequantized) and a warning names it — under ``jit`` the first run is dead code, but effects in
+    the model (``jax.debug.callback``/``print``) fire in both runs.
     """
     if "params" not in variables:
         raise KeyError("apply: variables must contain 'params' (the frozen tree from lowrank_jax.init)")
@@ -246,17 +251,19 @@ def apply(model: nn.Module, variables: Mapping[str, Any], adapter: Any, *args,
 
     # One trace that also records which targets a recognised layer consumed: the common case (all of
     # them) returns it as is; otherwise its result is dropped (dead code under jit) and the model is
-    # run again with the unconsumed kernels merged.
+    # run again with the unconsumed kernels merged -- so in that case the model runs twice, and any
+    # jax.debug.callback/print inside it fires twice.
     consumed: set = set()
     out = run(nodes, base, consumed)
     missing = [p for p in targets if p not in consumed]
     if not missing:
         return out
+    del out
 
     warnings.warn(
         "lowrank_jax.apply: these adapted or NF4 kernels are not consumed by a recognised layer "
         f"(nn.Dense/DenseGeneral/Einsum or custom_layers) and are merged (NF4: dequantized) inside the step "
-        f"instead: {missing}", stacklevel=2,
+        f"instead (the model runs twice to find them; pass custom_layers to avoid both): {missing}", stacklevel=2,
     )
     merged = {p: merge_leaf(leaves[p], node_of[p], shared, p) if p in node_of else kernel_of(leaves[p])
               for p in missing}

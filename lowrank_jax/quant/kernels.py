@@ -135,7 +135,9 @@ def quantize(params: Any, config: NF4 | None = None, *, layouts: Mapping[str, La
 
     Raises:
       ValueError naming the path: a target that matches no leaf, a selected leaf that is not a
-      floating array of 2+ dims, a kernel with NaN/inf, a 3+-axis kernel without a layout.
+      floating array of 2+ dims, a 3+-axis kernel without a layout; then (checked after every kernel
+      is quantized, with one device transfer) the first kernel with NaN/inf, with their count and the
+      index of the first.
 
     >>> import jax.numpy as jnp, lowrank_jax as lj
     >>> q = lj.quantize({"dense": {"kernel": jnp.ones((64, 32)), "bias": jnp.zeros(32)}}, lj.NF4())
