@@ -30,6 +30,16 @@ shapes: 6 BERT layers, hidden 384, 12 heads, FFN 1536, vocab 30522, random weigh
 loss mean(hidden²), adapters on all 36 encoder linears: query, key, value, attention-output, intermediate,
 output).
 
+Precision and devices: ``--dtype bfloat16`` casts every system's frozen weights and the input to bf16
+(adapters stay fp32 as PEFT's ``autocast_adapter_dtype`` keeps them; NF4 bases are quantized from the bf16
+weights); JAX systems run on JAX's default device (a GPU when one is present), PEFT on CUDA when torch sees
+one, else the CPU; each worker reports its device. Throughput: the model FLOPs of a method are the XLA
+``cost_analysis`` FLOPs of lowrank_jax's unrolled step of that method (scan/remat recompute, 2-D and NNX-path
+variants count the same useful work; QLoRA counts as LoRA); every system's case of that method is
+credited with them, so TFLOP/s compare the same work. ``--peak-tflops P`` adds model FLOP utilisation
+(MFU = TFLOP/s / P) — pass the device's dense peak for the dtype; nothing is assumed. ``--tokens N``
+shrinks the bench input (smoke runs).
+
 Timing: workers are built one after the other (so compiles do not overlap), then the orchestrator runs
 rounds; in each round every worker in turn (system order rotated each round) runs one step of each of its
 methods (method order rotated each round); only one worker computes at a time. Round 0 is a warm-up.
@@ -59,7 +69,7 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 1024.0 ** 2
 SYSTEMS = ("lowrank_jax", "nnx", "qwix", "peft")
-BENCH_TOKENS = 2048
+BENCH_TOKENS = 2048   # default; --tokens
 MINILM = dict(vocab=30522, hidden=384, layers=6, heads=12, ffn=1536, max_pos=512, batch=16, seq=128)
 
 
@@ -113,12 +123,36 @@ def aot(fn, *args):
 
 
 def mse(out):
-    return jnp.mean(jnp.square(out))
+    return jnp.mean(jnp.square(out.astype(jnp.float32)))   # the loss in fp32 whatever the compute dtype
 
 
-def bench_input(flat=False):
-    shape = (BENCH_TOKENS, 1024) if flat else (8, BENCH_TOKENS // 8, 1024)
-    return jax.random.normal(jax.random.key(0), shape, jnp.float32)
+def bench_input(flat=False, dtype="float32", tokens=BENCH_TOKENS):
+    shape = (tokens, 1024) if flat else (8, tokens // 8, 1024)
+    return jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(dtype)
+
+
+def cast_floats(tree, dtype):
+    """Every floating leaf of ``tree`` in ``dtype`` (the frozen weights of a ``--dtype`` run)."""
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def cast_nnx_base(model, dtype):
+    """Cast an NNX model's non-LoRA ``Param``s to ``dtype`` in place (LoRA params stay fp32)."""
+    if dtype == "float32":
+        return model
+    state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    nnx.update(model, cast_floats(state, dtype))
+    return model
+
+
+def xla_flops(compiled) -> float | None:
+    """FLOPs XLA counts for one call of ``compiled`` (``cost_analysis``), or None."""
+    try:
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        return float(ca["flops"])
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def minilm_input():
@@ -212,14 +246,14 @@ def nnx_functional_case(model, x, tx, wrt):
         state["t"], state["o"], loss = compiled(state["t"], state["o"], rest, x)
         return loss
 
-    info = dict(ct, **mem_info(compiled))
+    info = dict(ct, **mem_info(compiled), xla_flops=xla_flops(compiled))
     info["trainable"] = int(sum(l.size for l in jax.tree_util.tree_leaves(train)))
     return call, info
 
 
 # ================================================================================ workers
 
-def build_lowrank_jax(model_name, quick):
+def build_lowrank_jax(model_name, quick, dtype="float32", tokens=BENCH_TOKENS):
     import train_step as ts   # bench model
     from lowrank_jax.execution import nnx as lnx
     tx = optax.adam(1e-4)
@@ -258,15 +292,17 @@ def build_lowrank_jax(model_name, quick):
         if key not in built:
             if model_name == "bench":
                 model = ts.Net(scan=scan, policy=policy)
-                x = bench_input(flat)
+                x = bench_input(flat, dtype, tokens)
                 call_x = x
             else:
                 from lowrank_jax.models.bert import BertConfig, BertModel
                 model = BertModel(BertConfig())
                 x = minilm_input()
                 call_x = x
-            variables = model.init(jax.random.key(42), call_x)
-            built[key] = (model, x, variables["params"], lj.discover(model, variables, call_x))
+            # init and layout discovery in fp32 (an fp32-param scan over a bf16 carry would change its dtype)
+            init_x = call_x.astype(jnp.float32) if jnp.issubdtype(call_x.dtype, jnp.floating) else call_x
+            variables = model.init(jax.random.key(42), init_x)
+            built[key] = (model, x, cast_floats(variables["params"], dtype), lj.discover(model, variables, init_x))
         return built[key]
 
     for name, flat, scan in specs:
@@ -277,7 +313,7 @@ def build_lowrank_jax(model_name, quick):
                 if model_name == "bench":
                     def step(c, p, xb, model=model):
                         return jax.value_and_grad(lambda cc: mse(model.apply({"params": p}, cc * xb)))(c)
-                    c = jnp.float32(1.0)
+                    c = jnp.asarray(1.0, dtype)
                 else:
                     # floor for the encoder: grad w.r.t. a scalar on the embedding table (no weight grads,
                     # no optimizer): forward + activation backward through every layer
@@ -287,10 +323,10 @@ def build_lowrank_jax(model_name, quick):
                                 "embedding": cc * p["embeddings"]["word_embeddings"]["embedding"]}))
                             return mse(model.apply({"params": pp}, xb))
                         return jax.value_and_grad(f)(c)
-                    c = jnp.float32(1.0)
+                    c = jnp.asarray(1.0, dtype)
                 compiled, ct = aot(jax.jit(step), c, params, x)
                 cases[name] = (lambda compiled=compiled, c=c, params=params, x=x: compiled(c, params, x),
-                               dict(ct, **mem_info(compiled), trainable=0))
+                               dict(ct, **mem_info(compiled), xla_flops=xla_flops(compiled), trainable=0))
                 continue
             m = method(name)
             c0, t0 = time.process_time(), time.perf_counter()
@@ -311,14 +347,15 @@ def build_lowrank_jax(model_name, quick):
             def call(compiled=compiled, st=st, frozen=frozen, batch=batch):
                 st["a"], st["o"], loss = compiled(st["a"], st["o"], frozen, batch, None)
                 return loss
-            cases[name] = (call, dict(ct, **mem_info(compiled), **extra, trainable=int(lj.count_params(adapter))))
+            cases[name] = (call, dict(ct, **mem_info(compiled), **extra, xla_flops=xla_flops(compiled),
+                                      trainable=int(lj.count_params(adapter))))
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             cases[name] = (None, {"error": f"{type(e).__name__}: {e}"[:300]})
 
     if model_name == "bench" and not quick:   # our NNX path on the NNX copy of the bench model
-        nmodel = nnx_model("bench", plain_lin(False))
-        x = bench_input()
+        nmodel = cast_nnx_base(nnx_model("bench", plain_lin(False)), dtype)
+        x = bench_input(False, dtype, tokens)
         params = lnx.params_of(nmodel)
         layouts = lnx.discover(nmodel)
         for name in ("nnx_lora8", "nnx_dora8"):
@@ -338,33 +375,34 @@ def build_lowrank_jax(model_name, quick):
                 def call(compiled=compiled, st=st, frozen=frozen, x=x):
                     st["a"], st["o"], loss = compiled(st["a"], st["o"], frozen, x)
                     return loss
-                cases[name] = (call, dict(ct, **mem_info(compiled), trainable=int(lj.count_params(adapter))))
+                cases[name] = (call, dict(ct, **mem_info(compiled), xla_flops=xla_flops(compiled),
+                                          trainable=int(lj.count_params(adapter))))
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 cases[name] = (None, {"error": f"{type(e).__name__}: {e}"[:300]})
-    return cases, jax.block_until_ready
+    return cases, jax.block_until_ready, jax_device_meta()
 
 
-def build_nnx(model_name, quick):
+def build_nnx(model_name, quick, dtype="float32", tokens=BENCH_TOKENS):
     tx = optax.adam(1e-4)
     bias = model_name != "bench"
     lin = lambda i, o, rngs: nnx.LoRALinear(i, o, lora_rank=8, use_bias=bias, rngs=rngs)  # noqa: E731
-    model = nnx_model(model_name, lin)
-    x = bench_input() if model_name == "bench" else minilm_input()
+    model = cast_nnx_base(nnx_model(model_name, lin), dtype)
+    x = bench_input(False, dtype, tokens) if model_name == "bench" else minilm_input()
     call, info = nnx_functional_case(model, x, tx, nnx.LoRAParam)
-    return {"lora8": (call, info)}, jax.block_until_ready
+    return {"lora8": (call, info)}, jax.block_until_ready, jax_device_meta()
 
 
-def build_qwix(model_name, quick):
+def build_qwix(model_name, quick, dtype="float32", tokens=BENCH_TOKENS):
     import qwix
     tx = optax.adam(1e-4)
     bias = model_name != "bench"
-    x = bench_input() if model_name == "bench" else minilm_input()
+    x = bench_input(False, dtype, tokens) if model_name == "bench" else minilm_input()
     path = ".*" if model_name == "bench" else r".*(query|key|value|attn_out|inter|out)"
     cases = {}
     for name, kw in (("lora8", {}), ("qlora8", {"weight_qtype": "nf4", "tile_size": 64})):
         try:
-            base = nnx_model(model_name, plain_lin(bias))
+            base = cast_nnx_base(nnx_model(model_name, plain_lin(bias)), dtype)   # NF4 from the cast weights
             t0 = time.perf_counter()
             lm = qwix.apply_lora_to_model(base, qwix.LoraProvider(module_path=path, rank=8, alpha=16.0, **kw),
                                           x, rngs=nnx.Rngs(1))
@@ -377,14 +415,16 @@ def build_qwix(model_name, quick):
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             cases[name] = (None, {"error": f"{type(e).__name__}: {e}"[:300]})
-    return cases, jax.block_until_ready
+    return cases, jax.block_until_ready, jax_device_meta()
 
 
-def build_peft(model_name, quick):
+def build_peft(model_name, quick, dtype="float32", tokens=BENCH_TOKENS):
     import torch
     import peft
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 
     if model_name == "bench":
         class Block(torch.nn.Module):
@@ -410,7 +450,7 @@ def build_peft(model_name, quick):
 
         make = Net
         targets = ["q", "k", "v", "o", "fc1", "fc2"]
-        x = torch.randn(8, BENCH_TOKENS // 8, 1024)
+        x = torch.randn(8, tokens // 8, 1024).to(dev, tdtype)
         fwd = lambda m: m(x)  # noqa: E731
     else:
         from transformers import BertConfig, BertModel
@@ -420,7 +460,7 @@ def build_peft(model_name, quick):
                          attention_probs_dropout_prob=0.0, attn_implementation="eager")
         make = lambda: BertModel(cfg, add_pooling_layer=False)  # noqa: E731
         targets = ["query", "key", "value", "dense"]
-        ids = torch.randint(0, MINILM["vocab"], (MINILM["batch"], MINILM["seq"]))
+        ids = torch.randint(0, MINILM["vocab"], (MINILM["batch"], MINILM["seq"])).to(dev)
         fwd = lambda m: m(input_ids=ids).last_hidden_state  # noqa: E731
 
     def to_4bit(model):
@@ -429,12 +469,12 @@ def build_peft(model_name, quick):
             for cname, child in list(mod.named_children()):
                 if isinstance(child, torch.nn.Linear) and cname in targets:
                     q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+                                          compute_dtype=tdtype, quant_type="nf4", compress_statistics=True)
                     q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
                                                  compress_statistics=True, blocksize=64)
                     if child.bias is not None:
                         q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
-                    setattr(mod, cname, q.to("cpu"))
+                    setattr(mod, cname, q.to(dev))   # quantizes (from the --dtype weights)
         return model
 
     configs = {
@@ -448,7 +488,7 @@ def build_peft(model_name, quick):
         if cfgf is None:
             continue
         try:
-            base = make()
+            base = make().to(dev, tdtype)
             t0 = time.perf_counter()
             if name == "qlora8":
                 base = to_4bit(base)
@@ -459,7 +499,7 @@ def build_peft(model_name, quick):
 
             def call(pm=pm, opt=opt):
                 opt.zero_grad(set_to_none=True)
-                loss = fwd(pm).pow(2).mean()
+                loss = fwd(pm).float().pow(2).mean()
                 loss.backward()
                 opt.step()
                 return loss.detach()
@@ -471,10 +511,17 @@ def build_peft(model_name, quick):
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             cases[name] = (None, {"error": f"{type(e).__name__}: {e}"[:300]})
-    return cases, lambda v: v
+    sync = (lambda v: (torch.cuda.synchronize(), v)[1]) if dev.type == "cuda" else (lambda v: v)
+    return cases, sync, {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (torch)",
+                         "torch": torch.__version__}
 
 
-def worker(system, model_name, quick):
+def jax_device_meta():
+    d = jax.devices()[0]
+    return {"device": f"{d.platform}: {d.device_kind}", "jax": jax.__version__}
+
+
+def worker(system, model_name, quick, dtype="float32", tokens=BENCH_TOKENS):
     """Build, report, then serve 'round R' / 'quit' commands from stdin (one JSON line per reply)."""
     out = sys.stdout
     sys.stdout = sys.stderr   # library prints must not corrupt the protocol
@@ -483,14 +530,14 @@ def worker(system, model_name, quick):
         jax.block_until_ready(jax.jit(lambda a: a @ a)(jnp.ones((64, 64))))
     rss0 = rss_now_mib()
     t0 = time.perf_counter()
-    cases, sync = {"lowrank_jax": build_lowrank_jax, "nnx": build_nnx, "qwix": build_qwix,
-                   "peft": build_peft}[system](model_name, quick)
+    cases, sync, dev_meta = {"lowrank_jax": build_lowrank_jax, "nnx": build_nnx, "qwix": build_qwix,
+                             "peft": build_peft}[system](model_name, quick, dtype, tokens)
     info = {k: v[1] for k, v in cases.items()}
     live = [k for k, v in cases.items() if v[0] is not None]
-    meta = {"build_s": time.perf_counter() - t0, "rss_runtime_mib": rss0, "rss_built_mib": rss_now_mib()}
+    meta = {"build_s": time.perf_counter() - t0, "rss_runtime_mib": rss0, "rss_built_mib": rss_now_mib(),
+            "dtype": dtype, **dev_meta}
     if system != "peft":
         meta["lowrank_jax_file"] = getattr(sys.modules.get("lowrank_jax"), "__file__", None)
-        meta["jax"] = jax.__version__
     out.write(json.dumps({"ready": True, "info": info, "meta": meta}) + "\n")
     out.flush()
     for line in sys.stdin:
@@ -529,9 +576,10 @@ def worker(system, model_name, quick):
 # ================================================================================ orchestrator
 
 class Worker:
-    def __init__(self, system, model_name, quick):
+    def __init__(self, system, model_name, quick, dtype="float32", tokens=BENCH_TOKENS):
         self.system = system
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", system, "--model", model_name]
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", system, "--model", model_name,
+               "--dtype", dtype, "--tokens", str(tokens)]
         if quick:
             cmd.append("--quick")
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
@@ -594,12 +642,18 @@ def paired(times, a, b):
     return statistics.median(rs), q
 
 
-def run_model(model_name, systems, rounds, quick, reps=1):
+def base_method(case):
+    """The unrolled lowrank_jax case whose FLOPs are this case's model FLOPs (QLoRA's: LoRA's)."""
+    c = case.replace("scan_", "").replace("nnx_", "").replace("_named", "").replace("_2d", "")
+    return "lora8" if c == "qlora8" else c
+
+
+def run_model(model_name, systems, rounds, quick, reps=1, dtype="float32", tokens=BENCH_TOKENS, peak_tflops=None):
     log(f"=== model {model_name}: building {', '.join(systems)} (one at a time)")
     workers = []
     for s in systems:
         t0 = time.perf_counter()
-        w = Worker(s, model_name, quick)
+        w = Worker(s, model_name, quick, dtype, tokens)
         try:
             w.ready = w.read()
         except Exception as e:  # noqa: BLE001
@@ -645,6 +699,15 @@ def run_model(model_name, systems, rounds, quick, reps=1):
                 row["last_loss"] = losses.get((w.system, c))
             rows[c] = row
         result["systems"][w.system] = {"cases": rows, "peak_rss_mib": peak, **w.ready["meta"]}
+    ours = result["systems"].get("lowrank_jax", {}).get("cases", {})
+    for data in result["systems"].values():
+        for c, row in data["cases"].items():
+            flops = ours.get(base_method(c), {}).get("xla_flops")
+            if flops and row.get("median_ms"):
+                row["model_flops"] = flops
+                row["tflops_per_s"] = flops / (row["median_ms"] * 1e-3) / 1e12
+                if peak_tflops:
+                    row["mfu"] = row["tflops_per_s"] / peak_tflops
     for label, a, b, target in PAIRS[model_name]:
         med, iqr = paired(times, a, b)
         if med is None:
@@ -664,10 +727,11 @@ def fmt(v, spec=".3f"):
 
 
 def print_model(model_name, res):
-    print(f"\n### model: {model_name}\n")
+    devs = "; ".join(f"{s}: {d.get('device', '?')}, {d.get('dtype', '?')}" for s, d in res["systems"].items())
+    print(f"\n### model: {model_name} ({devs})\n")
     print("| system | method | median ms | this / our LoRA r=8 [IQR] | ours (same method) / this [IQR] | XLA arg MiB | XLA temp MiB | args+temp MiB "
-          "| peak RSS MiB (process) | trainable | compile s wall (CPU) | init/wrap s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| peak RSS MiB (process) | trainable | compile s wall (CPU) | init/wrap s | model TFLOP/s | MFU |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s, data in res["systems"].items():
         for c, r in data["cases"].items():
             if "error" in r:
@@ -685,8 +749,10 @@ def print_model(model_name, res):
             comp = (f"{r['lower_compile_s']:.2f} ({r['lower_compile_cpu_s']:.2f})" if "lower_compile_cpu_s" in r
                     else f"{r['lower_compile_s']:.2f}" if "lower_compile_s" in r else "– (eager)")
             init = fmt(r.get("init_s"), ".2f") + (f" (warm {r['init_warm_s']:.2f})" if "init_warm_s" in r else "")
+            mfu = f"{100 * r['mfu']:.1f} %" if "mfu" in r else "–"
             print(f"| {s} | {c} | {fmt(r.get('median_ms'), '.0f')} | {ratio} | {mem[0]} | {mem[1]} | {mem[2]} | "
-                  f"{fmt(data.get('peak_rss_mib'), '.0f')} | {r.get('trainable', 0):,} | {comp} | {init} |")
+                  f"{fmt(data.get('peak_rss_mib'), '.0f')} | {r.get('trainable', 0):,} | {comp} | {init} | "
+                  f"{fmt(r.get('tflops_per_s'), '.3f')} | {mfu} |")
     print("\n| pair | paired ratio [IQR] | target | met? | temp diff MiB |")
     print("|---|---:|---:|---|---:|")
     for d in res["pairs"]:
@@ -706,22 +772,33 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=1,
                     help="steps per case per round; with 2 or more the first is untimed (cold caches after the "
                          "previous case or process) and the mean of the others is the round's time")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="frozen weights and input of every system (adapters stay fp32); bfloat16 for accelerators")
+    ap.add_argument("--tokens", type=int, default=BENCH_TOKENS,
+                    help=f"bench-model tokens per step, batch 8 x seq tokens/8 (default {BENCH_TOKENS}; smaller for smoke runs)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's dense peak TFLOP/s for --dtype: adds model FLOP utilisation (MFU) per case")
     ap.add_argument("--json", help="write every number (per-round times, memory, compile, RSS) here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.model, args.quick)
+        worker(args.worker, args.model, args.quick, args.dtype, args.tokens)
         return 0
     if args.reps < 1:
         ap.error(f"--reps must be >= 1, got {args.reps}")
+    if args.tokens < 8 or args.tokens % 8:
+        ap.error(f"--tokens must be a positive multiple of 8 (batch 8), got {args.tokens}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        ap.error(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     models = (args.models or ("bench" if args.quick else "bench,minilm")).split(",")
     systems = [s for s in args.systems.split(",") if s]
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 6)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "argv": sys.argv, "python": platform.python_version(), "cpus": os.cpu_count(),
             "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "rounds": rounds, "quick": args.quick,
-            "loadavg_start": os.getloadavg(), "reps": args.reps}
+            "loadavg_start": os.getloadavg(), "reps": args.reps, "dtype": args.dtype, "tokens": args.tokens,
+            "peak_tflops": args.peak_tflops}
     try:
         meta["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except Exception:  # noqa: BLE001
@@ -730,7 +807,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     results = {}
     for m in models:
-        results[m] = run_model(m, systems, rounds, args.quick, args.reps)
+        results[m] = run_model(m, systems, rounds, args.quick, args.reps, args.dtype, args.tokens, args.peak_tflops)
         print_model(m, results[m])
         sys.stdout.flush()
     meta["wall_s"] = time.perf_counter() - t0

@@ -262,8 +262,8 @@ def apply(model: nn.Module, variables: Mapping[str, Any], adapter: Any, *args,
 
     warnings.warn(
         "lowrank_jax.apply: these adapted or NF4 kernels are not consumed by a recognised layer "
-        f"(nn.Dense/DenseGeneral/Einsum or custom_layers) and are merged (NF4: dequantized) inside the step "
-        f"instead (the model runs twice to find them; pass custom_layers to avoid both): {missing}", stacklevel=2,
+        f"(nn.Dense/DenseGeneral/Einsum or custom_layers; finding them ran the model twice) and are merged "
+        f"(NF4: dequantized) inside the step instead: {missing}", stacklevel=2,
     )
     merged = {p: merge_leaf(leaves[p], node_of[p], shared, p) if p in node_of else kernel_of(leaves[p])
               for p in missing}
