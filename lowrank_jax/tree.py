@@ -102,10 +102,14 @@ def stack_apply(fn, stack_shape: tuple[int, ...], *args, in_axes):
     return jax.tree_util.tree_map(lambda o: o.reshape(*stack_shape, *o.shape[1:]), out)
 
 
-def _apply_quant_shorthand(methods: tuple[Any, ...], params: Any, layouts: LayoutSpec) -> Any:
-    """``LoRA(..., quant=NF4(...))``: quantize the method's targets (∩ ``NF4.targets``) first."""
+def _apply_quant_shorthand(methods: tuple[Any, ...], params: Any, layouts: LayoutSpec) -> tuple[Any, set[str]]:
+    """``LoRA(..., quant=NF4(...))``: quantize the method's targets (∩ ``NF4.targets``) first.
+
+    Returns the params and the paths quantized here (their kernels were checked finite while quantized).
+    """
     from lowrank_jax.quant.config import NF4
 
+    before = params
     for m in methods:
         q = getattr(m, "quant", None)
         if q is None:
@@ -114,7 +118,11 @@ def _apply_quant_shorthand(methods: tuple[Any, ...], params: Any, layouts: Layou
         params = quantize_selected(params, NF4(q.block_size, q.double_quant, None, q.compute_dtype),
                                    layouts=layouts, rest_dtype=None, select=select,
                                    what=f"{type(m).__name__} targets ∩ NF4 targets")
-    return params
+    if params is before:
+        return params, set()
+    was = dict(flatten_with_paths(before, is_leaf=is_quantized)[0])
+    return params, {p for p, leaf in flatten_with_paths(params, is_leaf=is_quantized)[0]
+                    if is_quantized(leaf) and not is_quantized(was.get(p))}
 
 
 def _raise_not_finite(checks: list[tuple[str, Any, Array]]) -> None:
@@ -175,7 +183,7 @@ def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) ->
     placed = sharding.init_placed(init, method, params, key, layouts)
     if placed is not None:
         return placed
-    params = _apply_quant_shorthand(methods, params, layouts)
+    params, checked = _apply_quant_shorthand(methods, params, layouts)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
     named, _ = flatten_with_paths(params, is_leaf=is_quantized)
     paths = [p for p, _ in named]
@@ -242,8 +250,9 @@ def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) ->
         layout, shape, dtype, _, _ = info[i]
         stack = layout.stack_shape(shape)
         w = matrix_of(leaf) if is_quantized(leaf) else layout.to_matrix(jnp.asarray(leaf)).astype(jnp.float32)
-        finite_checks.append((path, leaf if is_quantized(leaf) else w,
-                              nf4.all_finite(leaf) if is_quantized(leaf) else jnp.all(jnp.isfinite(w))))
+        if path not in checked:                       # a kernel quantized above was checked then
+            finite_checks.append((path, leaf if is_quantized(leaf) else w,
+                                  nf4.all_finite(leaf) if is_quantized(leaf) else jnp.all(jnp.isfinite(w))))
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         if stack:
             keys = jax.random.split(leaf_key, int(np.prod(stack)))
