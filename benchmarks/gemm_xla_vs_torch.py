@@ -1,7 +1,8 @@
 """One fp32 GEMM in XLA:CPU (jax.jit) and in PyTorch (MKL) in the same process, interleaved.
 
 The bound under "ours / PEFT" in benchmarks/RESULTS.md: the bench model's largest matmul
-(2048×1024 @ 1024×4096) and a rank-8 one (2048×1024 @ 1024×8).
+(2048×1024 @ 1024×4096), a rank-8 one (2048×1024 @ 1024×8), and MiniLM's attention scores — a batched
+matmul of 16×12 heads, (128×32) @ (32×128).
 
     python benchmarks/gemm_xla_vs_torch.py --rounds 8
 """
@@ -35,9 +36,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     f = jax.jit(lambda x, y: x @ y)
-    for m, k, n, reps in ((2048, 1024, 4096, 3), (2048, 1024, 8, 10)):
-        a = rng.standard_normal((m, k), np.float32)
-        b = rng.standard_normal((k, n), np.float32)
+    for batch, m, k, n, reps in (((), 2048, 1024, 4096, 3), ((), 2048, 1024, 8, 10), ((16, 12), 128, 32, 128, 10)):
+        a = rng.standard_normal((*batch, m, k), np.float32)
+        b = rng.standard_normal((*batch, k, n), np.float32)
         ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
         f(ja, jb).block_until_ready()
         torch.matmul(ta, tb)
@@ -45,9 +46,10 @@ def main(argv=None):
         for _ in range(args.rounds):
             tj.append(timed(lambda: f(ja, jb), reps))
             tt.append(timed(lambda: torch.matmul(ta, tb), reps))
-        gflop = 2 * m * k * n / 1e9
+        gflop = 2 * m * k * n * int(np.prod(batch)) / 1e9
         mj, mt = statistics.median(tj), statistics.median(tt)
-        print(f"{m}x{k} @ {k}x{n}: XLA:CPU {1e3 * mj:.2f} ms ({gflop / mj:.0f} GFLOP/s), torch {1e3 * mt:.2f} ms "
+        lead = f"{'x'.join(map(str, batch))} batched " if batch else ""
+        print(f"{lead}{m}x{k} @ {k}x{n}: XLA:CPU {1e3 * mj:.2f} ms ({gflop / mj:.0f} GFLOP/s), torch {1e3 * mt:.2f} ms "
               f"({gflop / mt:.0f} GFLOP/s); XLA / torch {statistics.median(a / b for a, b in zip(tj, tt)):.3f}")
 
 
