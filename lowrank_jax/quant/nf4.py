@@ -705,6 +705,8 @@ def _nf4_mm_bwd(compute_dtype, x_dtype, transpose, q, g):
 
 
 _nf4_mm.defvjp(_nf4_mm_fwd, _nf4_mm_bwd)
+# traced once per (shapes, dtypes, config): identical layers share the trace (lowering time)
+_nf4_mm_jit = jax.jit(_nf4_mm, static_argnums=(2, 3, 4))
 
 
 def nf4_matmul(x: jax.Array, q: NF4Array, *, compute_dtype: Any = None,
@@ -736,7 +738,7 @@ def nf4_matmul(x: jax.Array, q: NF4Array, *, compute_dtype: Any = None,
         layout = "(out, in) with transpose=True" if transpose else "(in, out) with transpose=False"
         raise ValueError(f"x.shape[-1] must equal the weight's input size {k} (q.shape={q.shape}, "
                          f"{layout}), got x.shape={tuple(x.shape)}")
-    return _nf4_mm(x, q, cd, x_dtype, bool(transpose))
+    return _nf4_mm_jit(x, q, cd, x_dtype, bool(transpose))
 
 
 # --------------------------------------------------------------------------------------------
