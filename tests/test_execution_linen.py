@@ -1,5 +1,6 @@
 """Factored execution (linen): equals the merge path, never forms W0+ΔW, caches correctly."""
 
+import dataclasses
 import re
 import warnings
 
@@ -200,6 +201,40 @@ def test_apply_traces_the_model_once_when_every_target_is_consumed():
     assert len(calls) == 1
     np.testing.assert_allclose(y, model.apply({"params": lj.merge(frozen, randomize(adapter))}, x),
                                rtol=1e-5, atol=1e-6)
+
+
+_FORWARD_TRACES: list = []
+
+
+@dataclasses.dataclass(frozen=True)
+class _CountingLoRA(lj.LoRA):
+    """LoRA whose factored forward counts its Python (trace-time) calls."""
+
+    def forward(self, *args, **kwargs):
+        _FORWARD_TRACES.append(1)
+        return super().forward(*args, **kwargs)
+
+
+class _ThreeSameLayers(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(3):
+            x = nn.Dense(24, name=f"l{i}")(x)
+        return x
+
+
+def test_identical_layers_share_one_trace_of_the_method_forward():
+    """The per-layer forward is a nested jit: three layers with the same method, shapes and dtypes are
+    traced once (lowering time), with the values of the un-nested computation."""
+    model = _ThreeSameLayers()
+    x = jax.random.normal(jax.random.key(0), (5, 24))
+    params = model.init(jax.random.key(1), x)["params"]
+    frozen, adapter = lj.init(_CountingLoRA(rank=3, targets=r"l\d/kernel"), params, jax.random.key(2))
+    adapter = randomize(adapter)
+    _FORWARD_TRACES.clear()
+    y = jax.jit(lambda a, f: lj.apply(model, {"params": f}, a, x))(adapter, frozen)
+    assert len(_FORWARD_TRACES) == 1
+    np.testing.assert_allclose(y, model.apply({"params": lj.merge(frozen, adapter)}, x), rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_only_on_adapter_branch():
