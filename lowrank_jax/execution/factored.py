@@ -132,6 +132,11 @@ def layer_output(call: LayerCall, node: AdapterParams | None, arrays: Mapping[st
         return view.mat_to_y(_stacked_output(call, node, xm.astype(adt), y_m, bias_m, arrays, frozen,
                                              dropout_key, adapter_ids))
     xa = dropout(xm.astype(adt), method.dropout, dropout_key)
+    try:
+        hash(method)
+    except TypeError:   # a user's method value that cannot be a static jit argument: traced per layer
+        return view.mat_to_y(method.forward(xa, y_m, bias_m, dict(arrays), _frozen_inputs(layout, call.kernel, shared,
+                                                                                         cache)))
     return view.mat_to_y(_method_forward(method, layout, xa, y_m, bias_m, dict(arrays), call.kernel, shared, cache))
 
 
