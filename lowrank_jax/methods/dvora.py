@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from lowrank_jax.methods.base import OUT, ArraySpec, FrozenInputs, check_bool
 from lowrank_jax.methods.lora import (at_least_f32, check_output_name, column_norm, factored_sq_norm, magnitude_scale,
-                                      rescaled_output, safe_sqrt)
+                                      rescaled_output, scale_from_sq_norm)
 from lowrank_jax.methods.vera import VeRA
 
 Array = jax.Array
@@ -88,5 +88,8 @@ class DVoRA(VeRA):
         a, b = self._factors(w.shape[0], w.shape[1], params, frozen.shared)
         if self.detach_norm:   # a constant of the backward: autodiff traces no JVP through the norm
             a, b = jax.lax.stop_gradient(a), jax.lax.stop_gradient(b)
-        scale = self._scale(safe_sqrt(factored_sq_norm(w, a, b, 1.0, frozen.cache)), params)
+        sq = factored_sq_norm(w, a, b, 1.0, frozen.cache)
+        if self.detach_norm:
+            sq = jax.lax.stop_gradient(sq)
+        scale = scale_from_sq_norm(at_least_f32(params["m"]), sq)
         return rescaled_output(y, bias, self.branch(x, params, frozen.shared), scale, self.output_name)
