@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax.methods.base import OUT, ArraySpec, FrozenInputs, check_bool
-from lowrank_jax.methods.lora import (at_least_f32, check_output_name, column_norm, factored_sq_norm, magnitude_scale,
+from lowrank_jax.methods.lora import (at_least_f32, check_output_name, column_norm, column_sq_norm, factored_sq_norm,
                                       rescaled_output, scale_from_sq_norm)
 from lowrank_jax.methods.vera import VeRA
 
@@ -63,10 +63,11 @@ class DVoRA(VeRA):
         a, b = self._slices(shared, n_in, n_out)
         return (at_least_f32(a) * at_least_f32(params["lambda_d"])[None, :], at_least_f32(b) * at_least_f32(params["lambda_b"])[None, :])
 
-    def _scale(self, n: Array, params: dict[str, Array]) -> Array:
+    def _scale(self, sq: Array, params: dict[str, Array]) -> Array:
+        """``k = m / ‖V'‖_col`` from ``sq = ‖V'‖²_col`` (a constant of the backward with ``detach_norm``)."""
         if self.detach_norm:
-            n = jax.lax.stop_gradient(n)
-        return magnitude_scale(at_least_f32(params["m"]), n)
+            sq = jax.lax.stop_gradient(sq)
+        return scale_from_sq_norm(at_least_f32(params["m"]), sq)
 
     def init_matrix(self, key: Array, w: Array, shared: Any = None) -> tuple[dict[str, Array], None]:
         params, _ = super().init_matrix(key, w, shared)
@@ -79,7 +80,7 @@ class DVoRA(VeRA):
     def merge_matrix(self, w: Array, params: dict[str, Array], shared: dict[str, Array]) -> Array:
         """``W' = m ⊙ V' / ‖V'‖_col`` with ``V' = W0 + (Aᵀ ⊙ λ_d) @ (Bᵀ ⊙ λ_b)`` (float32)."""
         v = super().merge_matrix(w, params, shared)
-        return v * self._scale(column_norm(v), params)[None, :]
+        return v * self._scale(column_sq_norm(v), params)[None, :]
 
     def forward(self, x: Array, y: Array, bias: Array | None, params: dict[str, Array],
                 frozen: FrozenInputs) -> Array:
@@ -88,8 +89,5 @@ class DVoRA(VeRA):
         a, b = self._factors(w.shape[0], w.shape[1], params, frozen.shared)
         if self.detach_norm:   # a constant of the backward: autodiff traces no JVP through the norm
             a, b = jax.lax.stop_gradient(a), jax.lax.stop_gradient(b)
-        sq = factored_sq_norm(w, a, b, 1.0, frozen.cache)
-        if self.detach_norm:
-            sq = jax.lax.stop_gradient(sq)
-        scale = scale_from_sq_norm(at_least_f32(params["m"]), sq)
+        scale = self._scale(factored_sq_norm(w, a, b, 1.0, frozen.cache), params)
         return rescaled_output(y, bias, self.branch(x, params, frozen.shared), scale, self.output_name)

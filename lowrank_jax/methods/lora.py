@@ -228,14 +228,15 @@ class DoRA(_LowRank):
         return {"a": a, "b": b, "m": m}, w_new
 
     def merge_matrix(self, w: Array, params: dict[str, Array], shared: Any = None) -> Array:
-        """``W' = (m / ‖V'‖_col) ⊙ V'`` with ``V' = W0 + s·A@B`` (float32; see :func:`magnitude_scale`)."""
+        """``W' = (m / ‖V'‖_col) ⊙ V'`` with ``V' = W0 + s·A@B`` (float32; see :func:`scale_from_sq_norm`)."""
         v = w + self.delta_matrix(params)
-        return v * self._scale(column_norm(v), params)[None, :]
+        return v * self._scale(column_sq_norm(v), params)[None, :]
 
-    def _scale(self, n: Array, params: dict[str, Array]) -> Array:
+    def _scale(self, sq: Array, params: dict[str, Array]) -> Array:
+        """``k = m / ‖V'‖_col`` from ``sq = ‖V'‖²_col`` (a constant of the backward with ``detach_norm``)."""
         if self.detach_norm:
-            n = jax.lax.stop_gradient(n)
-        return magnitude_scale(at_least_f32(params["m"]), n)
+            sq = jax.lax.stop_gradient(sq)
+        return scale_from_sq_norm(at_least_f32(params["m"]), sq)
 
     def output_scale(self, w: Array, params: dict[str, Array], cache: Array | None = None) -> Array:
         """``m / ‖W0 + s·A@B‖_col`` computed without an ``(in, out)`` temporary (:func:`factored_sq_norm`);
@@ -243,10 +244,7 @@ class DoRA(_LowRank):
         a, b = at_least_f32(params["a"]), at_least_f32(params["b"])
         if self.detach_norm:   # a constant of the backward: autodiff traces no JVP through the norm
             a, b = jax.lax.stop_gradient(a), jax.lax.stop_gradient(b)
-        sq = factored_sq_norm(w, a, b, self.scaling, cache)
-        if self.detach_norm:
-            sq = jax.lax.stop_gradient(sq)
-        return scale_from_sq_norm(at_least_f32(params["m"]), sq)
+        return self._scale(factored_sq_norm(w, a, b, self.scaling, cache), params)
 
     def forward(self, x: Array, y: Array, bias: Array | None, params: dict[str, Array],
                 frozen: FrozenInputs) -> Array:
@@ -323,22 +321,15 @@ def factored_sq_norm(w: Array, a: Array, b: Array, s: float, w_sq: Array | None 
     return jnp.maximum(w_sq + 2.0 * s * cross + s * s * quad, 0.0)
 
 
-def magnitude_scale(m: Array, n: Array) -> Array:
-    """``m_j / n_j`` where ``n_j > 0``, and ``1`` where ``n_j = 0``.
-
-    A zero column of ``V' = W0 + ΔW`` has no direction, so ``W'_j = V'_j = 0`` whatever the scale;
-    choosing 1 there keeps merge-at-init the identity for dead (all-zero) output units and gives the
-    column plain LoRA gradients until it has a norm — finite values instead of ``0/0``.
-    """
-    positive = n > 0
-    return jnp.where(positive, m / jnp.where(positive, n, 1.0), jnp.ones_like(m))
-
-
 def scale_from_sq_norm(m: Array, sq: Array) -> Array:
-    """``k_j = m_j / sqrt(sq_j)`` where ``sq_j > 0`` and ``1`` where ``sq_j = 0``: exactly
-    ``magnitude_scale(m, safe_sqrt(sq))`` (``sqrt(sq) > 0`` iff ``sq > 0``; same values and gradients) with
-    one compare instead of two. XLA copies this ``(out,)`` chain into every fusion that reads ``k``, so the
-    shorter chain is a smaller program (DoRA's bench step: 8284 → 7608 HLO instructions, compile −8 %).
+    """DoRA's scale ``k_j = m_j / ‖V'_j‖`` from ``sq_j = ‖V'_j‖²``: ``m_j / sqrt(sq_j)`` where ``sq_j > 0``,
+    and ``1`` where ``sq_j = 0``.
+
+    A zero column of ``V' = W0 + ΔW`` has no direction, so ``W'_j = V'_j = 0`` whatever the scale; choosing 1
+    there keeps merge-at-init the identity for dead (all-zero) output units and gives the column plain LoRA
+    gradients until it has a norm — finite values instead of ``0/0``. One compare: XLA copies this ``(out,)``
+    chain into every fusion that reads ``k``, so a short chain is a smaller program (DoRA's bench step: 8284 →
+    7608 HLO instructions against a sqrt-then-divide with two compares, compile −8 %).
     """
     positive = sq > 0
     # the select between sqrt and divide keeps XLA from rewriting m / sqrt(s) into m * rsqrt(s) (other rounding)
@@ -346,9 +337,14 @@ def scale_from_sq_norm(m: Array, sq: Array) -> Array:
     return jnp.where(positive, m / n, 1.0)
 
 
+def column_sq_norm(w: Array) -> Array:
+    """``‖W‖²_col[j] = Σ_i W[i, j]²`` (float32) — one value per output unit of an ``(in, out)`` matrix."""
+    return jnp.sum(jnp.square(at_least_f32(w)), axis=0)
+
+
 def column_norm(w: Array) -> Array:
     """``‖W‖_col[j] = sqrt(Σ_i W[i, j]²)`` — one value per output unit of an ``(in, out)`` matrix."""
-    return safe_sqrt(jnp.sum(jnp.square(at_least_f32(w)), axis=0))
+    return safe_sqrt(column_sq_norm(w))
 
 
 def safe_sqrt(sq: Array) -> Array:

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 
 from lowrank_jax.methods.base import RANK, ArraySpec, FrozenInputs, MethodBase
 from lowrank_jax.methods.dvora import DVoRA
-from lowrank_jax.methods.lora import (DoRA, LoRA, at_least_f32, factored_sq_norm, magnitude_scale, rescaled_output,
-                                      safe_sqrt)
+from lowrank_jax.methods.lora import (DoRA, LoRA, at_least_f32, factored_sq_norm, rescaled_output,
+                                      scale_from_sq_norm)
 from lowrank_jax.methods.vera import VeRA
 
 Array = jax.Array
@@ -230,10 +230,10 @@ class Stacked(MethodBase):
             a, b = jax.vmap(lambda p: DVoRA._factors(ref, n_in, n_out, p, frozen.shared))(
                 {"lambda_d": params["lambda_d"], "lambda_b": params["lambda_b"]})
             s = jnp.ones((self.k,), jnp.float32)
-        norm = safe_sqrt(jax.vmap(factored_sq_norm, in_axes=(None, 0, 0, 0, None))(w, a, b, s, frozen.cache))
+        sq = jax.vmap(factored_sq_norm, in_axes=(None, 0, 0, 0, None))(w, a, b, s, frozen.cache)
         detach = jnp.asarray([getattr(m, "detach_norm", False) for m in self.methods])[:, None]
-        norm = jnp.where(detach, jax.lax.stop_gradient(norm), norm)
-        scale = magnitude_scale(at_least_f32(params["m"]), norm)
+        sq = jnp.where(detach, jax.lax.stop_gradient(sq), sq)
+        scale = scale_from_sq_norm(at_least_f32(params["m"]), sq)
         on = jnp.asarray([_has_magnitude(m) for m in self.methods])[:, None]
         return jnp.where(on, scale, jnp.ones_like(scale))
 
