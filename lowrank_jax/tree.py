@@ -247,12 +247,16 @@ def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) ->
     for i, mi in sorted(owner.items()):
         m = methods[mi]
         path, leaf = paths[i], leaves[i][1]
-        layout, shape, dtype, _, _ = info[i]
+        layout, shape, dtype, n_in, n_out = info[i]
         stack = layout.stack_shape(shape)
-        w = matrix_of(leaf) if is_quantized(leaf) else layout.to_matrix(jnp.asarray(leaf)).astype(jnp.float32)
+        if stack or getattr(m, "reads_base_at_init", True):
+            w = matrix_of(leaf) if is_quantized(leaf) else layout.to_matrix(jnp.asarray(leaf)).astype(jnp.float32)
+        else:                                         # the method needs the shape only: no dequantization
+            w = jax.ShapeDtypeStruct((n_in, n_out), jnp.float32)
         if path not in checked:                       # a kernel quantized above was checked then
-            finite_checks.append((path, leaf if is_quantized(leaf) else w,
-                                  nf4.all_finite(leaf) if is_quantized(leaf) else jnp.all(jnp.isfinite(w))))
+            kernel = leaf if is_quantized(leaf) else jnp.asarray(leaf)
+            finite_checks.append((path, kernel,
+                                  nf4.all_finite(leaf) if is_quantized(leaf) else jnp.all(jnp.isfinite(kernel))))
         leaf_key = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         if stack:
             keys = jax.random.split(leaf_key, int(np.prod(stack)))

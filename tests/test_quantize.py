@@ -80,19 +80,19 @@ def test_quantize_is_traceable_on_abstract_params(mlp):
 def test_non_finite_kernel_among_many_is_named_after_all_are_dispatched(monkeypatch):
     """The finite flags of every kernel are fetched together at the end (every kernel is quantized
     before any is checked); the error still names the bad kernel (not the first or last) with its
-    count and first index."""
+    count and the first index in the kernel's own axes (not its transposed matrix view)."""
     good = jax.random.normal(jax.random.key(0), (16, 8))
     params = {f"l{i}": {"kernel": good + i} for i in range(4)}
     params["l2"]["kernel"] = params["l2"]["kernel"].at[3, 5].set(jnp.inf).at[7, 1].set(jnp.nan)
     calls, real = [], nf4.quantize_flagged
 
     def counting(x, *a, **k):
-        calls.append(round(float(x[0, 0] - good[0, 0])))    # which kernel: l_i = good + i
+        calls.append(round(float(x.reshape(-1)[0] - good[0, 0])))    # which kernel: l_i = good + i
         return real(x, *a, **k)
 
     monkeypatch.setattr(nf4, "quantize_flagged", counting)
     with pytest.raises(ValueError, match=r"^l2/kernel: cannot NF4-quantize this kernel: .*2 non-finite "
-                                         r"value\(s\).*first at index \(1, 7\)"):
+                                         r"value\(s\).*first at index \(3, 5\): inf"):
         lj.quantize(params, lj.NF4(block_size=16))
     assert calls == [0, 1, 2, 3, 2]   # all four dispatched, then l2 re-run by the checked quantizer
     monkeypatch.undo()

@@ -17,7 +17,10 @@ pytree's aux data) and the **one source of truth** for its math on one weight ma
   linen and NNX execution paths only locate ``x``, the kernel and the bias and call this;
 * ``frozen_cache(w)`` — one per-kernel array derived from the frozen ``W0`` that ``forward`` may
   read (DoRA's ``‖W0_j‖²``, shape ``(out,)``), stored once at init because ``W0`` never changes;
-* ``make_shared(max_in, max_out)`` — the shared frozen arrays, else ``None``.
+* ``make_shared(max_in, max_out)`` — the shared frozen arrays, else ``None``;
+* ``reads_base_at_init`` — whether ``init_matrix`` or ``frozen_cache`` read the *values* of ``w``
+  (default ``True``). A method that only needs its shape (LoRA's random ``A``/zero ``B``, VeRA) says
+  ``False``, and ``init`` passes a ``jax.ShapeDtypeStruct`` instead of dequantizing an NF4 kernel.
 
 Stacks of layers, multi-axis kernels, dtypes and quantized bases are handled once for all methods by
 :mod:`lowrank_jax.tree` (vmap over the stack, :class:`~lowrank_jax.layout.Layout` for axes).
@@ -157,6 +160,9 @@ class Method(Protocol):
 
     def make_shared(self, max_in: int, max_out: int) -> dict[str, Array] | None: ...
 
+    @property
+    def reads_base_at_init(self) -> bool: ...
+
 
 class MethodBase:
     """Defaults every method inherits: shapes from ``arrays``, no shared arrays, no cache."""
@@ -180,6 +186,12 @@ class MethodBase:
 
     def frozen_cache(self, w: Array) -> Array | None:
         return None
+
+    @property
+    def reads_base_at_init(self) -> bool:
+        """Whether ``init_matrix``/``frozen_cache`` read ``w``'s values; ``True`` unless a method knows it
+        needs only ``w.shape`` (then ``init`` may pass a ``jax.ShapeDtypeStruct``)."""
+        return True
 
 
 def count_matrix_params(method: Any, n_in: int, n_out: int) -> int:

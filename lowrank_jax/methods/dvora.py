@@ -69,6 +69,11 @@ class DVoRA(VeRA):
             sq = jax.lax.stop_gradient(sq)
         return scale_from_sq_norm(at_least_f32(params["m"]), sq)
 
+    @property
+    def reads_base_at_init(self) -> bool:
+        """``m = ‖W0‖_col`` and the cache ``‖W0_j‖²`` read ``W0``."""
+        return True
+
     def init_matrix(self, key: Array, w: Array, shared: Any = None) -> tuple[dict[str, Array], None]:
         params, _ = super().init_matrix(key, w, shared)
         return {**params, "m": column_norm(w)}, None

@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from lowrank_jax.methods.base import (
@@ -107,7 +108,8 @@ class _LowRank(MethodBase):
         else:  # kaiming_uniform with a=sqrt(5) on torch's (r, in) weight: bound = 1/sqrt(in)
             bound = 1.0 / n_in ** 0.5
             a = jax.random.uniform(key, (n_in, r), jnp.float32, -bound, bound)
-        return a, jnp.zeros((r, n_out), jnp.float32), None
+        # B = 0 from host memory: placed without an XLA program (eager jnp.zeros compiles one per shape)
+        return a, jnp.asarray(np.zeros((r, n_out), np.float32)), None
 
     def delta_matrix(self, params: dict[str, Array]) -> Array:
         """``ΔW = s · A @ B`` in float32."""
@@ -166,6 +168,11 @@ class LoRA(_LowRank):
         _validate_low_rank(self, "LoRA")
 
     arrays = MappingProxyType(_FACTORS)
+
+    @property
+    def reads_base_at_init(self) -> bool:
+        """Only PiSSA reads ``W0`` (its SVD); random ``A`` and zero ``B`` need the shape alone."""
+        return self.init == "pissa"
 
     def init_matrix(self, key: Array, w: Array, shared: Any = None) -> tuple[dict[str, Array], Array | None]:
         a, b, w_new = self._init_factors(key, w)

@@ -103,6 +103,11 @@ class VeRA(MethodBase):
         a, b = vera_projections(self.rank, max_in, max_out, self.seed)
         return {"a": jnp.asarray(a), "b": jnp.asarray(b)}
 
+    @property
+    def reads_base_at_init(self) -> bool:
+        """``λ_d`` and ``λ_b`` are constants: ``W0``'s shape alone sizes them."""
+        return False
+
     def init_matrix(self, key: Array, w: Array, shared: Any = None) -> tuple[dict[str, Array], None]:
         n_out = w.shape[1]
         return {

@@ -20,6 +20,7 @@ per-layer kernel shape, so :func:`kernel_of` rebuilds ``W``'s shape exactly.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import jax
@@ -77,28 +78,44 @@ def quantize_kernel(w: Array, layout: Layout, config: NF4, dtype: Any, path: str
     return q
 
 
+@partial(jax.jit, static_argnums=(1, 2))
+def _torch_rows(w: Array, layout: Layout, dtype: str) -> Array:
+    """``swapaxes(L.to_matrix(W), -1, -2)`` in ``dtype`` with each ``(out, in)`` matrix flattened row-major:
+    ``(*stack, out·in)``, as one compiled copy.
+
+    The quantizer reads it flat anyway, so it compiles once per element count, not per shape: an MLP's
+    up and down projections (transposes of each other) share one quantizer program. The copy is its own
+    program because a transpose fused into the quantizer's blockwise reductions reads with a stride and
+    runs ~4x slower on XLA:CPU (measured).
+    """
+    m = jnp.swapaxes(layout.to_matrix(w), -1, -2).astype(dtype)
+    return m.reshape(*m.shape[: layout.stack], -1)
+
+
 def quantize_kernel_flagged(w: Array, layout: Layout, config: NF4, dtype: Any,
                             path: str = "kernel") -> tuple[nf4.NF4Array, Array]:
     """:func:`quantize_kernel` without the host check: ``(q, finite)`` (see
     :func:`lowrank_jax.quant.nf4.quantize_flagged`)."""
     try:
-        # the transposed copy is made first (one cheap op): a transpose fused into the quantizer's
-        # blockwise reductions reads with a stride and runs ~3.5x slower on XLA:CPU (measured)
-        x = jnp.swapaxes(layout.to_matrix(jnp.asarray(w)), -1, -2).astype(dtype)
-        q, finite = nf4.quantize_flagged(x, block_size=config.block_size, double_quant=config.double_quant,
+        w = jnp.asarray(w)
+        if not jnp.issubdtype(w.dtype, jnp.floating):
+            raise TypeError(f"quantize expects a floating-point array, got dtype {w.dtype}")
+        n_in, n_out = layout.matrix_shape(tuple(w.shape))
+        q, finite = nf4.quantize_flagged(_torch_rows(w, layout, str(jnp.dtype(dtype))),
+                                         block_size=config.block_size, double_quant=config.double_quant,
                                          batch_dims=layout.stack)
     except (ValueError, TypeError) as e:
         raise type(e)(f"{path}: cannot NF4-quantize this kernel: {e}") from None
     per_layer = tuple(w.shape)[layout.stack:]
-    return q.replace(kernel_layout=Layout(layout.in_axes, layout.out_axes, 0), kernel_shape=per_layer,
-                     compute_dtype=config.compute_dtype), finite
+    return q.replace(shape=(n_out, n_in), kernel_layout=Layout(layout.in_axes, layout.out_axes, 0),
+                     kernel_shape=per_layer, compute_dtype=config.compute_dtype), finite
 
 
 def _raise_not_finite_kernel(w: Array, layout: Layout, config: NF4, dtype: Any, path: str) -> None:
-    """Raise the checked quantizer's error (count and first index of the NaN/inf values) naming ``path``."""
+    """Raise the checked quantizer's error naming ``path``, with the count of NaN/inf values and the
+    index of the first in the kernel's own axes (``w`` as given, not its transposed matrix view)."""
     try:
-        nf4.quantize(jnp.swapaxes(layout.to_matrix(jnp.asarray(w)), -1, -2).astype(dtype),
-                     block_size=config.block_size, double_quant=config.double_quant, batch_dims=layout.stack)
+        nf4.quantize(jnp.asarray(w), block_size=config.block_size, double_quant=config.double_quant)
     except ValueError as e:
         raise ValueError(f"{path}: cannot NF4-quantize this kernel: {e}") from None
     raise AssertionError(f"{path}: the NF4 finite flag and the checked quantizer disagree")  # unreachable
