@@ -159,6 +159,49 @@ def test_merge_at_init_is_the_stored_base(name, linen_model):
 
 
 @pytest.mark.parametrize("name", ROWS)
+def test_reads_base_at_init_is_truthful(name):
+    """``reads_base_at_init = False``: ``init_matrix`` on a ``ShapeDtypeStruct`` gives bitwise the arrays it
+    gives on the real ``W0`` and there is no per-kernel cache (``init`` then skips NF4 dequantization).
+    ``True``: the init arrays, the new base or the cache change with ``W0`` (the flag is not idle)."""
+    m = ROWS[name].make(r".*")
+    n_in, n_out = 12, 10
+    shared = m.make_shared(n_in, n_out)
+    w = jax.random.normal(jax.random.key(0), (n_in, n_out))
+    key = jax.random.key(1)
+    params, w_new = m.init_matrix(key, w, shared)
+    if not m.reads_base_at_init:
+        got, got_new = m.init_matrix(key, jax.ShapeDtypeStruct((n_in, n_out), jnp.float32), shared)
+        assert w_new is None and got_new is None
+        assert m.frozen_cache(jax.ShapeDtypeStruct((n_in, n_out), jnp.float32)) is None
+        assert sorted(got) == sorted(params)
+        for k in params:
+            np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(params[k]), err_msg=k)
+    else:
+        w2 = 2.0 * w + 1.0
+        params2, w_new2 = m.init_matrix(key, w2, shared)
+        seen = [params, w_new, m.frozen_cache(w)]
+        seen2 = [params2, w_new2, m.frozen_cache(w2)]
+        leaves, leaves2 = jax.tree_util.tree_leaves(seen), jax.tree_util.tree_leaves(seen2)
+        assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(leaves, leaves2))
+
+
+def test_init_dequantizes_an_nf4_base_only_for_methods_that_read_it(linen_model, monkeypatch):
+    model, params, layouts, x = linen_model
+    calls = []
+    real = lj.nf4.dequantize
+
+    def counting(q, *a, **k):
+        calls.append(q.shape)
+        return real(q, *a, **k)
+
+    monkeypatch.setattr(lj.nf4, "dequantize", counting)
+    lj.init(ROWS["qlora"].make(r"head/kernel"), params, jax.random.key(0), layouts=layouts)
+    assert calls == []
+    lj.init(ROWS["qdora"].make(r"head/kernel"), params, jax.random.key(0), layouts=layouts)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name", ROWS)
 def test_linen_factored_equals_merge_outputs_and_gradients(name, linen_model):
     row = ROWS[name]
     model, params, layouts, x = linen_model

@@ -216,3 +216,31 @@ def test_hand_edited_nf4_arrays_are_refused(bad):
         nf4.dequantize(edited)
     with pytest.raises(ValueError):
         nf4.nf4_matmul(jnp.ones((2, 64)), edited)
+
+
+def test_transposed_kernel_shapes_share_one_quantizer_program():
+    """The quantizer reads each kernel as one flat (out·in) copy: an MLP's up and down projections
+    ((in, h) and (h, in)) compile one quantizer program, not two; the bytes are those of quantizing
+    each transposed matrix directly."""
+    from jax import monitoring
+    up = jax.random.normal(jax.random.key(0), (24, 40))
+    down = jax.random.normal(jax.random.key(1), (40, 24))
+    names, recording = [], [True]
+
+    def listener(name, secs, **kw):
+        if recording[0] and name == "/jax/core/compile/backend_compile_duration":
+            names.append(kw.get("fun_name", "?"))
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        q = lj.quantize({"up": {"kernel": up}, "down": {"kernel": down}}, lj.NF4(block_size=8, double_quant=True))
+    finally:
+        recording[0] = False
+    assert sum("_quantize_impl" in n for n in names) == 1, names
+    for name, w in (("up", up), ("down", down)):
+        ref = nf4.quantize(w.T, block_size=8, double_quant=True)
+        got = q[name]["kernel"]
+        assert got.shape == ref.shape == w.T.shape
+        for field in ("packed", "absmax", "nested_absmax", "offset"):
+            np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(ref, field)))
+        np.testing.assert_array_equal(np.asarray(kernel_of(got)), np.asarray(nf4.dequantize(ref).T))
