@@ -202,6 +202,11 @@ def _bnb_cpu_8bit_thresholds(code: np.ndarray) -> np.ndarray:
 
 _DYN_THRESHOLDS: np.ndarray = _readonly(_bnb_cpu_8bit_thresholds(DYNAMIC_MAP_SIGNED))
 
+# Pair look-up table: byte -> (NF4[byte >> 4], NF4[byte & 15]); dequantization is one gather.
+_NF4_PAIRS: np.ndarray = _readonly(
+    np.stack([np.repeat(NF4_CODE, 16), np.tile(NF4_CODE, 16)], axis=-1)
+)
+
 _NESTED_BLOCK = 256
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _ZERO_TAIL_ABSMAX = np.float32(1e-38)  # bnb clamps the short last block's absmax to this
@@ -636,19 +641,16 @@ def _absmax_f32(q: NF4Array, dep: jax.Array | None = None) -> jax.Array:
     return scaled + q.offset.astype(jnp.float32)[..., None]
 
 
-def _dequantize_f32(q: NF4Array, code_lut: jax.Array) -> jax.Array:
+def _dequantize_f32(q: NF4Array, pairs_lut: jax.Array) -> jax.Array:
     """``w_i = NF4[q_i] * absmax[i // block_size]`` in fp32, shape ``(*batch, *q.shape)``.
 
-    ``code_lut`` is the 16-entry NF4 table (possibly carrying a fake data dependency); the first ops
-    are its two gathers ``code_lut[byte >> 4]`` and ``code_lut[byte & 15]``, interleaved by a stack
-    (XLA:CPU runs this 2.7x faster than one gather from a 256 x 2 pair table, whose (n/2, 2) result
-    it writes with strided stores), so the dependency reaches the start of the chain.
+    The first op is a single gather ``pairs_lut[packed] -> (*batch, n/2, 2)`` (both nibbles at
+    once), so a data dependency injected into ``pairs_lut`` reaches the start of the chain.
     """
     batch = q.batch_shape
-    byte = q.packed.astype(jnp.int32)
-    vals = jnp.stack([code_lut[byte >> 4], code_lut[byte & 15]], axis=-1).reshape(*batch, -1)
-    # code_lut carries any fake data dependency; pass it on to the scale decode too
-    w = _expand_blocks(vals, _absmax_f32(q, code_lut[0]), q.size, q.block_size)
+    vals = pairs_lut[q.packed.astype(jnp.int32)].reshape(*batch, -1)  # (*batch, 2*ceil(n/2))
+    # pairs_lut carries any fake data dependency; pass it on to the scale decode too
+    w = _expand_blocks(vals, _absmax_f32(q, pairs_lut[0, 0]), q.size, q.block_size)
     return w.reshape(*batch, *q.shape)
 
 
@@ -682,7 +684,7 @@ def dequantize(q: NF4Array, dtype: Any = None) -> jax.Array:
 
 @partial(jax.jit, static_argnums=(1,))
 def _dequantize_jit(q: NF4Array, out_dtype: str) -> jax.Array:
-    return _dequantize_f32(q, jnp.asarray(NF4_CODE)).astype(out_dtype)
+    return _dequantize_f32(q, jnp.asarray(_NF4_PAIRS)).astype(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -696,14 +698,14 @@ def _mm(x: jax.Array, w: jax.Array, contract_w: int) -> jax.Array:
 
 
 def _dependent_lut(v: jax.Array) -> jax.Array:
-    """The NF4 code table plus a fake data dependency on ``v``: ``NF4 + 0 * v[0, ..., 0]``.
+    """The pair LUT plus a fake data dependency on ``v``: ``LUT + 0 * v[0, ..., 0]``.
 
     XLA never folds a float ``0 * t`` (t could be NaN/inf), so every op of a dequant chain that
     starts from this LUT must run after ``v`` exists and is distinct (no CSE) from a chain that
     depends on another value.  ``t`` is ``v[0, ..., 0]`` with NaN/inf replaced by 0, so a
     non-finite first element cannot poison the weight.
     """
-    lut = jnp.asarray(NF4_CODE)
+    lut = jnp.asarray(_NF4_PAIRS)
     if v.size == 0:
         return lut
     t = v[(0,) * v.ndim].astype(jnp.float32)
@@ -726,7 +728,7 @@ def _nf4_mm_fwd(x, q, compute_dtype, x_dtype, transpose):
 
 def _nf4_mm_bwd(compute_dtype, x_dtype, transpose, q, g):
     # Backward re-dequantizes with a fake dependency on the cotangent at the FIRST op of the
-    # chain (the code table the gathers read): it can be neither CSE'd with the forward dequant nor
+    # chain (the pair LUT the gather reads): it can be neither CSE'd with the forward dequant nor
     # scheduled before g exists -> one layer's dequantized weight alive at a time.
     w = _dequantize_f32(q, _dependent_lut(g)).astype(compute_dtype)
     # y = x @ W.T  =>  dx = g @ W ;  y = x @ W  =>  dx = g @ W.T
