@@ -109,7 +109,7 @@ class _LowRank(MethodBase):
             bound = 1.0 / n_in ** 0.5
             a = jax.random.uniform(key, (n_in, r), jnp.float32, -bound, bound)
         # B = 0 from host memory: placed without an XLA program (eager jnp.zeros compiles one per shape)
-        return a, jnp.asarray(np.zeros((r, n_out), np.float32)), None
+        return a, jax.device_put(np.zeros((r, n_out), np.float32)), None
 
     def delta_matrix(self, params: dict[str, Array]) -> Array:
         """``ΔW = s · A @ B`` in float32."""
