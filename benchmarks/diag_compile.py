@@ -4,7 +4,7 @@ For LoRA, DoRA, QLoRA (and a DoRA whose scale is its magnitude alone, to size th
 lowering (tracing) and XLA compile seconds, StableHLO ops before optimization, HLO instructions, fusions
 and dots after::
 
-    python benchmarks/diag_compile.py [--json out.json]
+    python benchmarks/diag_compile.py [--scan] [--json out.json]
 
 Each case's step is lowered and compiled once in this process (a fresh step function: its program is never
 a cache hit; the library's small jitted helpers are, and the first case also pays one-time tracing warm-up).
@@ -47,18 +47,29 @@ class ScaleIsMagnitude(lj.DoRA):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json")
+    p.add_argument("--scan", action="store_true",
+                   help="also the nn.scan + remat(save lin_out) steps: LoRA, DoRA, DoRA(output_name='lin_out')")
     args = p.parse_args(argv)
-    model = ts.Net()
     x = jnp.ones((8, 256, 1024), jnp.float32)
-    params = jax.jit(model.init)(jax.random.key(0), x)["params"]
     kw = dict(rank=8, alpha=16.0, targets=ts.TARGETS)
-    cases = {"lora8": lj.LoRA(**kw), "dora8": lj.DoRA(**kw),
-             "qlora8": lj.LoRA(**kw, quant=lj.NF4(block_size=64, double_quant=True)),
-             "dora8_scale_is_m (diagnostic)": ScaleIsMagnitude(**kw)}
+    # (model, method): unrolled, then nn.scan + remat saving "lin_out" as in peers.py's scan cases
+    unrolled, scan = ts.Net(), ts.Net(scan=True, policy="lin_out")
+    named = ts.Net(scan=True, policy="lin_out_named_by_method")
+    cases = {"lora8": (unrolled, lj.LoRA(**kw)), "dora8": (unrolled, lj.DoRA(**kw)),
+             "qlora8": (unrolled, lj.LoRA(**kw, quant=lj.NF4(block_size=64, double_quant=True))),
+             "dora8_scale_is_m (diagnostic)": (unrolled, ScaleIsMagnitude(**kw))}
+    if args.scan:
+        cases.update({"scan_lora8": (scan, lj.LoRA(**kw)), "scan_dora8": (scan, lj.DoRA(**kw)),
+                      "scan_dora8_named": (named, lj.DoRA(**kw, output_name="lin_out"))})
+    built = {}
     rows = {}
     print("| case | lower s | compile s | StableHLO ops | HLO instructions | fusions | dots |\n|---|---:|---:|---:|---:|---:|---:|")
-    for name, method in cases.items():
-        frozen, adapter = lj.init(method, params, jax.random.key(1))
+    for name, (model, method) in cases.items():
+        if id(model) not in built:
+            variables = jax.jit(model.init)(jax.random.key(0), x)
+            built[id(model)] = (variables["params"], lj.discover(model, variables, x))
+        params, layouts = built[id(model)]
+        frozen, adapter = lj.init(method, params, jax.random.key(1), layouts=layouts)
         trs = lj.train.make_train_step(model, lambda run, b: jnp.mean(jnp.square(run(b["x"]))), optax.adam(1e-4))
         opt = trs.init(adapter)
         t0 = time.perf_counter()

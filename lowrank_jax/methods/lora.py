@@ -230,9 +230,9 @@ class DoRA(_LowRank):
 
     def init_matrix(self, key: Array, w: Array, shared: Any = None) -> tuple[dict[str, Array], Array | None]:
         a, b, w_new = self._init_factors(key, w)
-        base = w if w_new is None else w_new
-        m = column_norm(base + self.scaling * (a @ b))
-        return {"a": a, "b": b, "m": m}, w_new
+        # V' = W0 + s·A@B is W0 itself while B = 0 (every init but PiSSA's): no (in, out) product and sum
+        v = w if w_new is None else w_new + self.scaling * (a @ b)
+        return {"a": a, "b": b, "m": column_norm(v)}, w_new
 
     def merge_matrix(self, w: Array, params: dict[str, Array], shared: Any = None) -> Array:
         """``W' = (m / ‖V'‖_col) ⊙ V'`` with ``V' = W0 + s·A@B`` (float32; see :func:`scale_from_sq_norm`)."""
