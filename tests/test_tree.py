@@ -141,3 +141,24 @@ def test_merge_with_mismatched_frozen_tree_names_path_and_shapes():
 def test_bad_method_argument():
     with pytest.raises(TypeError, match="expected a method"):
         lj.init("lora", _params(jnp.float32), jax.random.key(0))
+
+
+@pytest.mark.parametrize("method", [lj.LoRA(rank=3, alpha=6.0, targets=r"w"), lj.VeRA(rank=4, targets=r"w")],
+                         ids=["lora", "vera"])
+def test_stacked_init_of_a_shape_only_method_equals_the_vmapped_per_layer_init(method):
+    """A method that reads only W0's shape is initialised layer by layer on a stacked kernel (no batched
+    random program to compile); the arrays are bitwise those of vmapping its per-layer init over the layer
+    keys ``split(fold_in(key, crc32(path)), n_layers)`` — the documented key scheme, unchanged."""
+    import zlib
+    w = jax.random.normal(jax.random.key(0), (3, 2, 6, 5))          # (stack 3, 2), in 6, out 5
+    key = jax.random.key(7)
+    frozen, adapter = lj.init(method, {"w": w}, key, layouts={"w": lj.Layout((0,), (1,), stack=2)})
+    leaf_key = jax.random.fold_in(key, zlib.crc32(b"w") & 0x7FFFFFFF)
+    keys = jax.random.split(leaf_key, 6)
+    shared = lj.tree.shared_of(frozen).get("vera_0") if isinstance(method, lj.VeRA) else None
+    ref = jax.vmap(lambda k: method.init_matrix(k, jnp.zeros((6, 5)), shared)[0])(keys)
+    node = adapter["w"]
+    assert sorted(node.params) == sorted(ref)
+    for name, arr in node.params.items():
+        assert arr.shape == (3, 2) + ref[name].shape[1:]
+        np.testing.assert_array_equal(np.asarray(arr).reshape(ref[name].shape), np.asarray(ref[name]), err_msg=name)
