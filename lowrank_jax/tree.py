@@ -3,7 +3,8 @@
 Paths are the ``/``-joined keys of a leaf (``encoder/layer_0/attention/query/kernel``); a method's
 ``targets`` regexes are ``re.fullmatch``ed against them. Each targeted kernel is viewed as a stack of
 ``(in, out)`` matrices through its :class:`~lowrank_jax.layout.Layout`; the method's per-matrix math
-is ``vmap``ped over the stack, always in float32, and results are cast back to the kernel's dtype.
+is ``vmap``ped over the stack (``init`` of a shape-only method: a loop over the layers when eager), always in
+float32, and results are cast back to the kernel's dtype.
 
 The frozen tree has exactly the structure of ``params`` (kernels possibly replaced by a PiSSA residual
 or an :class:`~lowrank_jax.quant.nf4.NF4Array`), plus, when a method has shared frozen arrays (VeRA)
@@ -108,17 +109,44 @@ _finite = jax.jit(nf4.finite_flag)
 
 def _init_each_layer(method: Any, keys: Array, stack: tuple[int, ...], matrix: jax.ShapeDtypeStruct,
                      shared: Any) -> tuple[dict[str, Array], None]:
-    """``init_matrix`` of a method that reads only ``W0``'s shape, once per layer of a stacked kernel
-    (``keys``: ``(*stack,)``), stacked to ``(*stack, ...)``.
+    """``init_matrix`` of a method that reads only ``W0``'s shape (``matrix``, one layer's ``(in, out)``
+    float32 struct), once per layer of a stacked kernel (``keys``: one key per layer, ``(*stack,)``;
+    raw ``uint32`` keys ``(*stack, 2)``), stacked to ``(*stack, ...)``.
 
-    Eager ``vmap`` would compile the batched random init per shape (≈ 0.4 s each on XLA:CPU for LoRA's
-    ``A``: threefry over a batch of keys); a loop reuses the unbatched program, with the same bits.
+    Eagerly a Python loop over the layers: an eager ``vmap`` compiles the batched random init per shape
+    (≈ 0.4 s each on XLA:CPU for LoRA's ``A``: threefry over a batch of keys), the loop reuses the unbatched
+    program, with the same bits. Under a trace (``init`` under ``jit``, the sharded path) ``vmap``: one
+    subgraph instead of one per layer.
     """
+    def one(k):
+        params, w_new = method.init_matrix(k, matrix, shared)
+        if w_new is not None:
+            raise TypeError(f"{type(method).__name__}: reads_base_at_init is False but init_matrix returned a new "
+                            "base W0 (computed from what?); a method that replaces W0 must read it "
+                            "(reads_base_at_init = True)")
+        return params
+
     if not stack:
-        return method.init_matrix(keys, matrix, shared)
-    outs = [method.init_matrix(k, matrix, shared)[0] for k in keys.reshape(-1)]
-    return {name: jnp.stack([o[name] for o in outs]).reshape(*stack, *outs[0][name].shape)
-            for name in outs[0]}, None
+        return one(keys), None
+    flat = keys.reshape(-1, *keys.shape[len(stack):])
+    if isinstance(flat, jax.core.Tracer):
+        out = jax.vmap(one)(flat)
+    else:
+        outs = [one(k) for k in flat]
+        out = {name: jnp.stack([o[name] for o in outs]) for name in outs[0]}
+    return {name: a.reshape(*stack, *a.shape[1:]) for name, a in out.items()}, None
+
+
+def _shape_only_cache(method: Any, matrix: jax.ShapeDtypeStruct) -> None:
+    """A shape-only method must have no per-kernel cache (``frozen_cache`` would read ``W0``)."""
+    try:
+        cache = method.frozen_cache(matrix)
+    except Exception as e:   # it read W0's values
+        raise TypeError(f"{type(method).__name__}: reads_base_at_init is False but frozen_cache reads W0 "
+                        f"({type(e).__name__}: {e}); set reads_base_at_init = True") from None
+    if cache is not None:
+        raise TypeError(f"{type(method).__name__}: reads_base_at_init is False but frozen_cache returned an array; "
+                        "set reads_base_at_init = True")
 
 
 def _apply_quant_shorthand(methods: tuple[Any, ...], params: Any, layouts: LayoutSpec) -> tuple[Any, set[str]]:
@@ -154,7 +182,8 @@ def _raise_not_finite(checks: list[tuple[str, Any, Array]]) -> None:
     flags = jax.device_get([c[2] for c in checks])
     for (path, w, _), ok in zip(checks, flags):
         if not ok:
-            detail = (f"{int(jnp.sum(~jnp.isfinite(w)))} non-finite value(s) (NaN/inf)" if not is_quantized(w)
+            detail = (f"{int(jnp.sum(~jnp.isfinite(jnp.asarray(w, jnp.float32))))} non-finite value(s) (NaN/inf, "
+                      "in float32)" if not is_quantized(w)
                       else "non-finite NF4 block scales (NaN/inf)")
             raise ValueError(f"init: {path}: the kernel contains {detail}; "
                              "an adapter fit to it would be NaN from the first step")
@@ -287,6 +316,7 @@ def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) ->
             arrays, w_new = stack_apply(lambda k, wm: m.init_matrix(k, wm, sh), stack, keys, w, in_axes=(0, 0))
         else:
             arrays, w_new = _init_each_layer(m, keys, stack, w, sh)
+            _shape_only_cache(m, w)
         if w_new is not None:                         # PiSSA: the residual base (re-quantized if NF4)
             kernel = layout.from_matrix(w_new, shape)
             new_leaves[i] = requantize_like(kernel, leaf) if is_quantized(leaf) else kernel.astype(dtype)

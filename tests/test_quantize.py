@@ -223,6 +223,7 @@ def test_transposed_kernel_shapes_share_one_quantizer_program():
     ((in, h) and (h, in)) compile one quantizer program, not two; the bytes are those of quantizing
     each transposed matrix directly."""
     from jax import monitoring
+    jax.clear_caches()          # count this test's compiles, whatever ran before in the process
     up = jax.random.normal(jax.random.key(0), (24, 40))
     down = jax.random.normal(jax.random.key(1), (40, 24))
     names, recording = [], [True]
@@ -244,3 +245,15 @@ def test_transposed_kernel_shapes_share_one_quantizer_program():
         for field in ("packed", "absmax", "nested_absmax", "offset"):
             np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(ref, field)))
         np.testing.assert_array_equal(np.asarray(kernel_of(got)), np.asarray(nf4.dequantize(ref).T))
+
+
+def test_overflow_in_the_storage_dtype_is_named_with_its_kernel_index():
+    """The finite check runs on the kernel as stored: a float32 value beyond float16's range in a kernel stored
+    as float16 is inf there, and the error counts it and names its index in the kernel's own axes."""
+    from lowrank_jax.quant.kernels import quantize_kernel
+    w = jnp.ones((8, 16)).at[5, 3].set(1e6)
+    with pytest.raises(ValueError, match=r"^k: cannot NF4-quantize this kernel: .*1 non-finite value\(s\).*"
+                                         r"first at index \(5, 3\): inf"):
+        quantize_kernel(w, lj.Layout((0,), (1,)), lj.NF4(block_size=16), "float16", path="k")
+    q = quantize_kernel(w, lj.Layout((0,), (1,)), lj.NF4(block_size=16), "float32", path="k")   # fine in fp32
+    assert q.shape == (16, 8)

@@ -143,16 +143,19 @@ def test_bad_method_argument():
         lj.init("lora", _params(jnp.float32), jax.random.key(0))
 
 
+@pytest.mark.parametrize("raw_key", [False, True], ids=["typed_key", "raw_PRNGKey"])
+@pytest.mark.parametrize("jitted", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("method", [lj.LoRA(rank=3, alpha=6.0, targets=r"w"), lj.VeRA(rank=4, targets=r"w")],
                          ids=["lora", "vera"])
-def test_stacked_init_of_a_shape_only_method_equals_the_vmapped_per_layer_init(method):
+def test_stacked_init_of_a_shape_only_method_equals_the_vmapped_per_layer_init(method, jitted, raw_key):
     """A method that reads only W0's shape is initialised layer by layer on a stacked kernel (no batched
     random program to compile); the arrays are bitwise those of vmapping its per-layer init over the layer
     keys ``split(fold_in(key, crc32(path)), n_layers)`` — the documented key scheme, unchanged."""
     import zlib
     w = jax.random.normal(jax.random.key(0), (3, 2, 6, 5))          # (stack 3, 2), in 6, out 5
-    key = jax.random.key(7)
-    frozen, adapter = lj.init(method, {"w": w}, key, layouts={"w": lj.Layout((0,), (1,), stack=2)})
+    key = jax.random.PRNGKey(7) if raw_key else jax.random.key(7)
+    run = lambda w, key: lj.init(method, {"w": w}, key, layouts={"w": lj.Layout((0,), (1,), stack=2)})  # noqa: E731
+    frozen, adapter = (jax.jit(run) if jitted else run)(w, key)
     leaf_key = jax.random.fold_in(key, zlib.crc32(b"w") & 0x7FFFFFFF)
     keys = jax.random.split(leaf_key, 6)
     shared = lj.tree.shared_of(frozen).get("vera_0") if isinstance(method, lj.VeRA) else None
@@ -162,3 +165,33 @@ def test_stacked_init_of_a_shape_only_method_equals_the_vmapped_per_layer_init(m
     for name, arr in node.params.items():
         assert arr.shape == (3, 2) + ref[name].shape[1:]
         np.testing.assert_array_equal(np.asarray(arr).reshape(ref[name].shape), np.asarray(ref[name]), err_msg=name)
+
+
+def test_a_shape_only_method_that_reads_the_base_is_refused():
+    """``reads_base_at_init = False`` with a cache or a new base cannot be honoured: init raises, naming it."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class CachedLoRA(lj.LoRA):
+        @property
+        def reads_base_at_init(self):
+            return False
+
+        def frozen_cache(self, w):
+            return jnp.sum(w * w, axis=0)
+
+    @dataclasses.dataclass(frozen=True)
+    class ResidualLoRA(lj.LoRA):
+        @property
+        def reads_base_at_init(self):
+            return False
+
+        def init_matrix(self, key, w, shared=None):
+            params, _ = super().init_matrix(key, w, shared)
+            return params, jnp.zeros(w.shape)
+
+    params = {"w": jnp.ones((6, 5))}
+    with pytest.raises(TypeError, match=r"CachedLoRA: reads_base_at_init is False but frozen_cache reads W0"):
+        lj.init(CachedLoRA(rank=2, targets="w"), params, jax.random.key(0))
+    with pytest.raises(TypeError, match=r"ResidualLoRA: reads_base_at_init is False but init_matrix returned a new"):
+        lj.init(ResidualLoRA(rank=2, targets="w"), params, jax.random.key(0))

@@ -20,10 +20,13 @@ pytree's aux data) and the **one source of truth** for its math on one weight ma
 * ``make_shared(max_in, max_out)`` — the shared frozen arrays, else ``None``;
 * ``reads_base_at_init`` — whether ``init_matrix`` or ``frozen_cache`` read the *values* of ``w``
   (default ``True``). A method that only needs its shape (LoRA's random ``A``/zero ``B``, VeRA) says
-  ``False``, and ``init`` passes a ``jax.ShapeDtypeStruct`` instead of dequantizing an NF4 kernel.
+  ``False``, and ``init`` passes a ``jax.ShapeDtypeStruct`` instead of dequantizing an NF4 kernel
+  (such a method has no ``frozen_cache`` and no new base; ``init`` raises otherwise). Optional for
+  methods that do not derive from :class:`MethodBase`: absent means ``True``.
 
 Stacks of layers, multi-axis kernels, dtypes and quantized bases are handled once for all methods by
-:mod:`lowrank_jax.tree` (vmap over the stack, :class:`~lowrank_jax.layout.Layout` for axes).
+:mod:`lowrank_jax.tree` (vmap over the stack — a loop for an eager shape-only init —,
+:class:`~lowrank_jax.layout.Layout` for axes).
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def quantize_kernel(w: Array, layout: Layout, config: NF4, dtype: Any, path: str
     :func:`quantize` stores it; errors name ``path`` (a NaN/inf kernel raises ValueError)."""
     q, finite = quantize_kernel_flagged(w, layout, config, dtype, path)
     if not isinstance(finite, jax.core.Tracer) and not bool(finite):
-        _raise_not_finite_kernel(w, layout, config, dtype, path)
+        _raise_not_finite_kernel(w, config, dtype, path)
     return q
 
 
@@ -111,11 +111,12 @@ def quantize_kernel_flagged(w: Array, layout: Layout, config: NF4, dtype: Any,
                      kernel_shape=per_layer, compute_dtype=config.compute_dtype), finite
 
 
-def _raise_not_finite_kernel(w: Array, layout: Layout, config: NF4, dtype: Any, path: str) -> None:
-    """Raise the checked quantizer's error naming ``path``, with the count of NaN/inf values and the
-    index of the first in the kernel's own axes (``w`` as given, not its transposed matrix view)."""
+def _raise_not_finite_kernel(w: Array, config: NF4, dtype: Any, path: str) -> None:
+    """Raise the checked quantizer's error naming ``path``, with the count of NaN/inf values (after the cast
+    to the storage ``dtype``, as quantized) and the index of the first in the kernel's own axes (``w`` as
+    given, not its transposed matrix view)."""
     try:
-        nf4.quantize(jnp.asarray(w), block_size=config.block_size, double_quant=config.double_quant)
+        nf4.quantize(jnp.asarray(w).astype(dtype), block_size=config.block_size, double_quant=config.double_quant)
     except ValueError as e:
         raise ValueError(f"{path}: cannot NF4-quantize this kernel: {e}") from None
     raise AssertionError(f"{path}: the NF4 finite flag and the checked quantizer disagree")  # unreachable
@@ -227,5 +228,5 @@ def quantize_selected(params: Any, config: NF4, *, layouts: Mapping[str, Layout]
     flagged = [f for f in flagged if not isinstance(f[4], jax.core.Tracer)]
     for (path, leaf, layout, dtype, _), ok in zip(flagged, jax.device_get([f[4] for f in flagged])):
         if not ok:
-            _raise_not_finite_kernel(leaf, layout, config, dtype, path)
+            _raise_not_finite_kernel(leaf, config, dtype, path)
     return jax.tree_util.tree_unflatten(treedef, out)
