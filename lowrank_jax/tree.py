@@ -119,7 +119,12 @@ def _init_each_layer(method: Any, keys: Array, stack: tuple[int, ...], matrix: j
     subgraph instead of one per layer.
     """
     def one(k):
-        params, w_new = method.init_matrix(k, matrix, shared)
+        try:
+            params, w_new = method.init_matrix(k, matrix, shared)
+        except Exception as e:   # e.g. an init_matrix overridden to read W0 under an inherited False
+            raise TypeError(f"{type(method).__name__}.init_matrix failed on W0 given as a shape only "
+                            f"({matrix}), because its reads_base_at_init is False: {type(e).__name__}: {e}. "
+                            "A method whose init reads W0's values must set reads_base_at_init = True") from e
         if w_new is not None:
             raise TypeError(f"{type(method).__name__}: reads_base_at_init is False but init_matrix returned a new "
                             "base W0 (computed from what?); a method that replaces W0 must read it "

@@ -190,7 +190,16 @@ def test_a_shape_only_method_that_reads_the_base_is_refused():
             params, _ = super().init_matrix(key, w, shared)
             return params, jnp.zeros(w.shape)
 
+    @dataclasses.dataclass(frozen=True)
+    class NormLoRA(lj.LoRA):        # reads W0 in init_matrix but inherits LoRA's reads_base_at_init = False
+        def init_matrix(self, key, w, shared=None):
+            params, w_new = super().init_matrix(key, w, shared)
+            return {**params, "a": params["a"] * jnp.linalg.norm(w)}, w_new
+
     params = {"w": jnp.ones((6, 5))}
+    with pytest.raises(TypeError, match=r"NormLoRA.init_matrix failed on W0 given as a shape only .*"
+                                        r"must set reads_base_at_init = True"):
+        lj.init(NormLoRA(rank=2, targets="w"), params, jax.random.key(0))
     with pytest.raises(TypeError, match=r"CachedLoRA: reads_base_at_init is False but frozen_cache reads W0"):
         lj.init(CachedLoRA(rank=2, targets="w"), params, jax.random.key(0))
     with pytest.raises(TypeError, match=r"ResidualLoRA: reads_base_at_init is False but init_matrix returned a new"):
