@@ -107,6 +107,28 @@ def stack_apply(fn, stack_shape: tuple[int, ...], *args, in_axes):
 _finite = jax.jit(nf4.finite_flag)
 
 
+class _ShapeOnly:
+    """``W0`` for a method whose ``reads_base_at_init`` is False: ``shape``, ``dtype``, ``ndim``, no values.
+    Using it as an array raises at once, eager or traced (a ``jax.ShapeDtypeStruct`` would be captured as a
+    constant under ``jit`` and fail only at lowering, far from the method)."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any):
+        self.shape, self.dtype = tuple(shape), jnp.dtype(dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __jax_array__(self):
+        raise TypeError(f"W0 was given as a shape only {self.shape} (reads_base_at_init is False) and "
+                        "cannot be read")
+
+    def __repr__(self) -> str:
+        return f"ShapeOnly(shape={self.shape}, dtype={self.dtype})"
+
+
 def _init_each_layer(method: Any, keys: Array, stack: tuple[int, ...], matrix: jax.ShapeDtypeStruct,
                      shared: Any) -> tuple[dict[str, Array], None]:
     """``init_matrix`` of a method that reads only ``W0``'s shape (``matrix``, one layer's ``(in, out)``
@@ -134,7 +156,7 @@ def _init_each_layer(method: Any, keys: Array, stack: tuple[int, ...], matrix: j
     if not stack:
         return one(keys), None
     flat = keys.reshape(-1, *keys.shape[len(stack):])
-    if isinstance(flat, jax.core.Tracer):
+    if isinstance(flat, jax.core.Tracer) or flat.shape[0] == 0:
         out = jax.vmap(one)(flat)
     else:
         outs = [one(k) for k in flat]
@@ -187,8 +209,7 @@ def _raise_not_finite(checks: list[tuple[str, Any, Array]]) -> None:
     flags = jax.device_get([c[2] for c in checks])
     for (path, w, _), ok in zip(checks, flags):
         if not ok:
-            detail = (f"{int(jnp.sum(~jnp.isfinite(jnp.asarray(w, jnp.float32))))} non-finite value(s) (NaN/inf, "
-                      "in float32)" if not is_quantized(w)
+            detail = (nf4.describe_non_finite(jnp.asarray(w, jnp.float32)) + " (checked in float32)" if not is_quantized(w)
                       else "non-finite NF4 block scales (NaN/inf)")
             raise ValueError(f"init: {path}: the kernel contains {detail}; "
                              "an adapter fit to it would be NaN from the first step")
@@ -306,7 +327,7 @@ def init(method: Any, params: Any, key: Array, *, layouts: LayoutSpec = None) ->
         if reads:
             w = matrix_of(leaf) if is_quantized(leaf) else layout.to_matrix(jnp.asarray(leaf)).astype(jnp.float32)
         else:                                         # the method needs the shape only: no dequantization
-            w = jax.ShapeDtypeStruct((n_in, n_out), jnp.float32)
+            w = _ShapeOnly((n_in, n_out), jnp.float32)
         if path not in checked:                       # a kernel quantized above was checked then
             kernel = leaf if is_quantized(leaf) else jnp.asarray(leaf)
             finite_checks.append((path, kernel, nf4.all_finite(leaf) if is_quantized(leaf) else _finite(kernel)))
@@ -458,8 +479,8 @@ def merge(frozen: Any, adapter: Any, *, requantize: bool = False) -> Any:
     """Effective params ``W' = W0 + ΔW`` (LoRA/VeRA) or DoRA's ``m ⊙ V'/‖V'‖`` at every adapted path.
 
     Computed in float32 and cast back to each kernel's dtype; the result has the structure, shapes and
-    dtypes of the original ``params`` (the ``SHARED_KEY`` entry is dropped). At init it equals
-    ``params`` bitwise. Every NF4 kernel — adapted or not — comes back dequantized in its original
+    dtypes of the original ``params`` (the ``SHARED_KEY`` entry is dropped). At an eager init it equals
+    ``params`` bitwise (``init`` under ``jax.jit``: DoRA's magnitude is a fused norm, within 2 ulp). Every NF4 kernel — adapted or not — comes back dequantized in its original
     shape and dtype, unless ``requantize=True``: then adapted NF4 kernels are re-quantized with their
     settings (new absmax; rounding error as bitsandbytes' 4-bit merge) and the others stay as stored.
 

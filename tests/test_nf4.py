@@ -582,3 +582,19 @@ def test_state_dict_errors():
         to_bnb_state_dict(quantize(np.ones((2, 4, 8), np.float32), batch_dims=1))
     with pytest.raises(TypeError, match="prefix must be a str"):
         save_bnb_safetensors("/tmp/never_written.safetensors", {1: q})
+
+
+def test_huge_finite_values_quantize_like_bitsandbytes_not_to_zero():
+    """|x| > 2^126: 1/absmax is subnormal, which XLA:CPU flushes to zero (the block used to come out as all
+    zeros, silently). Now the scale is computed in a range-reduced form: same bytes as bitsandbytes; with
+    double quant the scales' mean overflows float32 and quantize refuses instead of storing inf."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    torch = pytest.importorskip("torch")
+    x = np.array([[1.7e38], [-5e37], [3e38], [1e38]], np.float32).reshape(2, 2)
+    q = quantize(jnp.asarray(x), 64)
+    t, st = bnb_f.quantize_4bit(torch.from_numpy(x), blocksize=64, quant_type="nf4")
+    np.testing.assert_array_equal(np.asarray(q.packed).ravel(), t.numpy().ravel())
+    np.testing.assert_array_equal(np.asarray(dequantize(q)), bnb_f.dequantize_4bit(t, st).numpy())
+    assert float(jnp.max(jnp.abs(dequantize(q)))) == pytest.approx(3e38, rel=1e-6)
+    with pytest.raises(ValueError, match=r"double_quant=True: the mean of its block scales overflows float32"):
+        quantize(jnp.asarray(np.full((2, 256), 3e38, np.float32)), 2, double_quant=True)

@@ -197,10 +197,27 @@ def test_a_shape_only_method_that_reads_the_base_is_refused():
             return {**params, "a": params["a"] * jnp.linalg.norm(w)}, w_new
 
     params = {"w": jnp.ones((6, 5))}
-    with pytest.raises(TypeError, match=r"NormLoRA.init_matrix failed on W0 given as a shape only .*"
-                                        r"must set reads_base_at_init = True"):
-        lj.init(NormLoRA(rank=2, targets="w"), params, jax.random.key(0))
+    for run in (lj.init, jax.jit(lj.init, static_argnums=0),
+                lambda m, p, k: jax.eval_shape(lambda p, k: lj.init(m, p, k), p, k)):
+        with pytest.raises(TypeError, match=r"NormLoRA.init_matrix failed on W0 given as a shape only .*"
+                                            r"must set reads_base_at_init = True"):
+            run(NormLoRA(rank=2, targets="w"), params, jax.random.key(0))
     with pytest.raises(TypeError, match=r"CachedLoRA: reads_base_at_init is False but frozen_cache reads W0"):
         lj.init(CachedLoRA(rank=2, targets="w"), params, jax.random.key(0))
     with pytest.raises(TypeError, match=r"ResidualLoRA: reads_base_at_init is False but init_matrix returned a new"):
         lj.init(ResidualLoRA(rank=2, targets="w"), params, jax.random.key(0))
+
+
+@pytest.mark.parametrize("method", [lj.LoRA(rank=2, targets="w"), lj.VeRA(rank=2, targets="w"),
+                                    lj.DoRA(rank=2, targets="w")], ids=["lora", "vera", "dora"])
+def test_init_of_an_empty_stack(method):
+    frozen, adapter = lj.init(method, {"w": jnp.ones((0, 6, 5))}, jax.random.key(0),
+                              layouts={"w": lj.Layout((0,), (1,), stack=1)})
+    assert all(a.shape[0] == 0 for a in adapter["w"].params.values())
+
+
+def test_init_names_the_first_non_finite_index_of_a_float_kernel():
+    w = jnp.ones((4, 3)).at[2, 1].set(jnp.nan).at[3, 0].set(jnp.inf)
+    with pytest.raises(ValueError, match=r"^init: w: the kernel contains 2 non-finite value\(s\) \(NaN/inf\); "
+                                         r"first at index \(2, 1\): nan \(checked in float32\)"):
+        lj.init(lj.LoRA(rank=2, targets="w"), {"w": w}, jax.random.key(0))

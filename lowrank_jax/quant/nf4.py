@@ -73,6 +73,8 @@ __all__ = [
     "NF4Array",
     "quantize",
     "quantize_flagged",
+    "finite_flag",
+    "describe_non_finite",
     "dequantize",
     "all_finite",
     "nf4_matmul",
@@ -365,15 +367,31 @@ def _check_float_dtype(dtype: Any, what: str) -> str:
     return name
 
 
-def _raise_not_finite(x: jax.Array) -> None:
-    """Raise ValueError naming the count and first index of the non-finite values of a concrete ``x``."""
+def describe_non_finite(x: Any) -> str:
+    """``"N non-finite value(s) (NaN/inf); first at index (i, j, ...): v"`` for a concrete array ``x`` with
+    NaN/inf values (the index in ``x``'s own axes, row-major first); ``""`` when every value is finite.
+
+    >>> describe_non_finite(jnp.array([[1.0, 2.0], [jnp.inf, jnp.nan]]))
+    '2 non-finite value(s) (NaN/inf); first at index (1, 0): inf'
+    """
+    x = jnp.asarray(x)
     bad = ~jnp.isfinite(x)
     count = int(jnp.sum(bad))
-    if count:
-        first = int(jnp.argmax(bad.reshape(-1)))
-        idx = tuple(int(i) for i in np.unravel_index(first, x.shape))
-        raise ValueError(f"cannot quantize x: it contains {count} non-finite value(s) (NaN/inf); "
-                         f"first at index {idx}: {x[idx]}")
+    if not count:
+        return ""
+    idx = tuple(int(i) for i in np.unravel_index(int(jnp.argmax(bad.reshape(-1))), x.shape))
+    return f"{count} non-finite value(s) (NaN/inf); first at index {idx}: {x[idx]}"
+
+
+def _raise_not_finite(x: jax.Array) -> None:
+    """Raise ValueError naming the count and first index of the non-finite values of a concrete ``x``, or,
+    when ``x`` is finite, the overflow of its double-quantization statistics."""
+    detail = describe_non_finite(x)
+    if detail:
+        raise ValueError(f"cannot quantize x: it contains {detail}")
+    raise ValueError("cannot quantize x with double_quant=True: the mean of its block scales overflows "
+                     f"float32 (max |x| = {float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32))))}); "
+                     "use double_quant=False")
 
 
 def _check_nf4(q: Any, what: str = "q") -> None:
@@ -496,11 +514,17 @@ def _blockwise_absmax_scale(x: jax.Array, n: int, block_size: int, *, tail_divid
     xb = jnp.pad(x, [(0, 0)] * len(batch) + [(0, nb * block_size - n)])
     xb = xb.reshape(*batch, nb, block_size)
     absmax = jnp.max(jnp.abs(xb), axis=-1)  # zero padding does not change max|.|
-    safe = jnp.where(absmax > 0, absmax, jnp.float32(1.0))
+    # absmax > 2^126: 1/absmax is subnormal, which XLA:CPU flushes to 0 (also inside its division), so the
+    # block would silently quantize to zeros. There both factors are scaled by the exact power of two 2^-32
+    # (s unchanged, the reciprocal normal); elsewhere the factor is 1 and the bits are unchanged. (bnb
+    # keeps the subnormal reciprocal, whose lower precision may round such a block's codes differently.)
+    down = jnp.where(absmax > jnp.float32(2.0 ** 126), jnp.float32(2.0 ** -32), jnp.float32(1.0))
+    safe = jnp.where(absmax > 0, absmax * down, jnp.float32(1.0))
     recip = jnp.where(absmax > 0, jnp.float32(1.0) / safe, jnp.float32(0.0))
-    s = xb * recip[..., None]  # s_i = w_i * (1 / absmax_b)
+    xd = xb * down[..., None]
+    s = xd * recip[..., None]  # s_i = w_i * (1 / absmax_b)
     if rem and tail_divide:
-        tail = jnp.where(absmax[..., -1:, None] > 0, xb[..., -1:, :] / safe[..., -1:, None],
+        tail = jnp.where(absmax[..., -1:, None] > 0, xd[..., -1:, :] / safe[..., -1:, None],
                          jnp.float32(0.0))  # s_i = w_i / absmax_last
         s = jnp.concatenate([s[..., :-1, :], tail], axis=-2)
     if rem and clamp_zero_tail:
@@ -539,6 +563,9 @@ def _quantize_impl(x: jax.Array, mshape: tuple[int, ...], block_size: int, doubl
     qa = _count_at_most(_DYN_THRESHOLDS, sd)  # #{k : t_k <= v}
     qa = jnp.where(nested[..., None] > 0, qa, 0)  # an all-zero 256-block stores code 0 (bnb)
     qa = qa.astype(jnp.uint8).reshape(*batch, -1)[..., :nb]
+    # finite x with |x| near float32's max: the scales' mean (offset) can overflow to inf. (With x and the
+    # offset finite, |absmax - offset| <= max(absmax, offset) is finite, so `nested` is too.)
+    finite = finite & jnp.all(jnp.isfinite(offset))
     return packed, qa, nested, offset, finite
 
 
@@ -565,7 +592,8 @@ def quantize(x: Any, block_size: int = 64, double_quant: bool = False, *,
         ValueError: ``x`` contains NaN/inf (count and first index named), or is empty.
 
     Under ``jax.jit`` the NaN/inf check is skipped (it needs concrete values); use
-    :func:`quantize_flagged` to get the check's flag as an array.
+    :func:`quantize_flagged` to get the check's flag as an array.  With ``double_quant`` a finite ``x`` whose
+    block scales' mean overflows float32 (values near 3.4e38) is refused too.
     """
     q, finite = quantize_flagged(x, block_size, double_quant, batch_dims=batch_dims)
     if not _is_tracer(finite) and not bool(finite):
@@ -576,7 +604,8 @@ def quantize(x: Any, block_size: int = 64, double_quant: bool = False, *,
 def quantize_flagged(x: Any, block_size: int = 64, double_quant: bool = False, *,
                      batch_dims: int = 0) -> tuple[NF4Array, jax.Array]:
     """:func:`quantize` without the host check: ``(q, finite)``, ``finite`` a boolean scalar array —
-    whether every element of ``x`` is finite — computed in the same compiled pass.
+    whether every element of ``x`` is finite (and, with ``double_quant``, the scale statistics too) —
+    computed in the same compiled pass.
 
     For callers that quantize many kernels and check every flag in one transfer at the end (no host
     synchronisation per kernel), or that quantize under ``jax.jit``.  A ``False`` flag means ``q`` is
