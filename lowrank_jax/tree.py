@@ -129,10 +129,10 @@ class _ShapeOnly:
         return f"ShapeOnly(shape={self.shape}, dtype={self.dtype})"
 
 
-def _init_each_layer(method: Any, keys: Array, stack: tuple[int, ...], matrix: jax.ShapeDtypeStruct,
+def _init_each_layer(method: Any, keys: Array, stack: tuple[int, ...], matrix: _ShapeOnly,
                      shared: Any) -> tuple[dict[str, Array], None]:
     """``init_matrix`` of a method that reads only ``W0``'s shape (``matrix``, one layer's ``(in, out)``
-    float32 struct), once per layer of a stacked kernel (``keys``: one key per layer, ``(*stack,)``;
+    float32 stand-in), once per layer of a stacked kernel (``keys``: one key per layer, ``(*stack,)``;
     raw ``uint32`` keys ``(*stack, 2)``), stacked to ``(*stack, ...)``.
 
     Eagerly a Python loop over the layers: an eager ``vmap`` compiles the batched random init per shape
@@ -164,7 +164,7 @@ def _init_each_layer(method: Any, keys: Array, stack: tuple[int, ...], matrix: j
     return {name: a.reshape(*stack, *a.shape[1:]) for name, a in out.items()}, None
 
 
-def _shape_only_cache(method: Any, matrix: jax.ShapeDtypeStruct) -> None:
+def _shape_only_cache(method: Any, matrix: _ShapeOnly) -> None:
     """A shape-only method must have no per-kernel cache (``frozen_cache`` would read ``W0``)."""
     try:
         cache = method.frozen_cache(matrix)

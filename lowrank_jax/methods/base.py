@@ -20,7 +20,8 @@ pytree's aux data) and the **one source of truth** for its math on one weight ma
 * ``make_shared(max_in, max_out)`` — the shared frozen arrays, else ``None``;
 * ``reads_base_at_init`` — whether ``init_matrix`` or ``frozen_cache`` read the *values* of ``w``
   (default ``True``). A method that only needs its shape (LoRA's random ``A``/zero ``B``, VeRA) says
-  ``False``, and ``init`` passes a ``jax.ShapeDtypeStruct`` instead of dequantizing an NF4 kernel
+  ``False``, and ``init`` passes a shape-only stand-in (``.shape``, ``.dtype``, ``.ndim``; reading its
+  values raises) instead of dequantizing an NF4 kernel
   (such a method has no ``frozen_cache`` and no new base; ``init`` raises otherwise). Optional for
   methods that do not derive from :class:`MethodBase`: absent means ``True``.
 
@@ -193,7 +194,7 @@ class MethodBase:
     @property
     def reads_base_at_init(self) -> bool:
         """Whether ``init_matrix``/``frozen_cache`` read ``w``'s values; ``True`` unless a method knows it
-        needs only ``w.shape`` (then ``init`` may pass a ``jax.ShapeDtypeStruct``)."""
+        needs only ``w.shape`` (then ``init`` passes a shape-only stand-in whose values cannot be read)."""
         return True
 
 
