@@ -143,7 +143,7 @@ def _init_each_layer(method: Any, keys: Array, stack: tuple[int, ...], matrix: _
     def one(k):
         try:
             params, w_new = method.init_matrix(k, matrix, shared)
-        except Exception as e:   # e.g. an init_matrix overridden to read W0 under an inherited False
+        except (TypeError, AttributeError, ValueError) as e:   # what reading the stand-in raises (eager or traced)
             raise TypeError(f"{type(method).__name__}.init_matrix failed on W0 given as a shape only "
                             f"({matrix}), because its reads_base_at_init is False: {type(e).__name__}: {e}. "
                             "A method whose init reads W0's values must set reads_base_at_init = True") from e

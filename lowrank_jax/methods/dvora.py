@@ -80,7 +80,7 @@ class DVoRA(VeRA):
 
     def frozen_cache(self, w: Array) -> Array:
         """``‖W0_j‖²`` (float32, ``(out,)``), as DoRA."""
-        return jnp.sum(jnp.square(at_least_f32(w)), axis=0)
+        return column_sq_norm(w)
 
     def merge_matrix(self, w: Array, params: dict[str, Array], shared: dict[str, Array]) -> Array:
         """``W' = m ⊙ V' / ‖V'‖_col`` with ``V' = W0 + (Aᵀ ⊙ λ_d) @ (Bᵀ ⊙ λ_b)`` (float32)."""

@@ -226,7 +226,7 @@ class DoRA(_LowRank):
     def frozen_cache(self, w: Array) -> Array:
         """``‖W0_j‖²`` (float32, ``(out,)``): ``W0`` is frozen, so the factored norm reads it once per
         step (for ``AᵀW0``) instead of twice."""
-        return jnp.sum(jnp.square(at_least_f32(w)), axis=0)
+        return column_sq_norm(w)
 
     def init_matrix(self, key: Array, w: Array, shared: Any = None) -> tuple[dict[str, Array], Array | None]:
         a, b, w_new = self._init_factors(key, w)
